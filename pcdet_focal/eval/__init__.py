@@ -1,0 +1,1 @@
+"""Rotated box IoU (numba) and KITTI-style AP."""

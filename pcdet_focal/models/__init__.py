@@ -1,0 +1,1 @@
+"""nn.Modules in OpenPCDet's contract, one concept a file; they register themselves."""
