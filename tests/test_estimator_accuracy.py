@@ -70,3 +70,29 @@ def test_measure_refuses_what_the_machine_cannot_hold():
     est.peak_bytes = 10 ** 15                       # a petabyte: more than any machine's RAM
     m = measure_config(cfg, est, device='cpu')
     assert m.refused and 'exceeds' in m.refused and m.peak_bytes is None
+
+
+def test_benchmark_bev_crop_keeps_the_dense_height_compression():
+    """benchmarks/estimator.py measures the ~100 GiB users' config on a cropped BEV: the crop
+    must keep its 175 height bins, 128 channels and 22400 flattened channels, and shrink only
+    the x / y extent (so the estimate is measurable here)."""
+    import importlib.util
+    from pathlib import Path
+
+    from pcdet_focal.config import load_config
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location('bench_estimator',
+                                                  root / 'benchmarks' / 'estimator.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = load_config(root / 'cfgs' / 'focalsst_dsvt_dense_hc.yaml')
+    full = estimate(cfg, batch_size=1, voxels=1500, target='cpu')
+    cropped = bench.crop_bev(cfg, 80, 40)
+    small = estimate(cropped, batch_size=1, voxels=1500, target='cpu')
+    assert full.map_to_bev_input == (128, 175, 200, 500)
+    assert small.map_to_bev_input == (128, 175, 40, 80)
+    assert full.flattened_bev_channels == small.flattened_bev_channels == 22400
+    assert cropped.MODEL.BACKBONE_3D.DSVT.INPUT_LAYER.sparse_shape == [80, 40, 175]
+    assert cropped.MODEL.BACKBONE_3D.DSVT.output_shape == [40, 80]
+    assert cfg.DATA_CONFIG.POINT_CLOUD_RANGE == [0, -20, -3, 100, 20, 4]   # original untouched
+    assert small.peak_bytes < full.peak_bytes / 20
