@@ -297,7 +297,8 @@ def test_load_all_failure_is_not_silenced_on_the_next_call(tmp_path):
     assert out.stdout.split() == ['ImportError', 'ImportError'], out.stdout + out.stderr
 
 
-def test_missing_openpcdet_dependency_names_the_package_to_install(fake_pcdet):
+def test_missing_openpcdet_dependency_names_the_package_to_install(fake_pcdet, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'SharedArray', None)  # missing even where it is installed
     init = fake_pcdet / 'pcdet' / 'datasets' / '__init__.py'
     init.write_text('import SharedArray  # noqa\n' + init.read_text())
     with pytest.raises(PcdetNotAvailable) as err:
