@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 from pcdet_focal.config import load_config  # noqa: E402
 from pcdet_focal.errors import PcdetFocalError  # noqa: E402
 from pcdet_focal.memory import estimate  # noqa: E402
+from pcdet_focal.memory.geometry import geometry_from_config  # noqa: E402
 from pcdet_focal.memory.measure import measure_config, measure_device  # noqa: E402
 
 LIMIT_OVER, LIMIT_UNDER = 0.15, -0.05
@@ -39,18 +40,13 @@ def crop_bev(cfg, nx, ny):
     """A copy of ``cfg`` whose grid is ``nx`` x ``ny`` voxels in x, y (z and the model kept).
 
     Moves POINT_CLOUD_RANGE's x_max / y_max and the BEV shapes a config spells out (DSVT's
-    ``sparse_shape`` [x, y, z] and ``output_shape`` [y, x]); None when the config has no
-    voxelizer to crop.
+    ``sparse_shape`` [x, y, z] and ``output_shape`` [y, x]).
     """
+    geom = geometry_from_config(cfg)
     out = copy.deepcopy(cfg)
-    voxel_size = next((p.get('VOXEL_SIZE') for p in out.DATA_CONFIG.get('DATA_PROCESSOR', [])
-                       if p.get('NAME') == 'transform_points_to_voxels'), None)
-    pcr = out.DATA_CONFIG.get('POINT_CLOUD_RANGE')
-    if voxel_size is None or pcr is None:
-        return None
-    pcr = list(pcr)
-    pcr[3] = pcr[0] + nx * voxel_size[0]
-    pcr[4] = pcr[1] + ny * voxel_size[1]
+    pcr = list(geom.point_cloud_range)
+    pcr[3] = pcr[0] + nx * geom.voxel_size[0]
+    pcr[4] = pcr[1] + ny * geom.voxel_size[1]
     out.DATA_CONFIG.POINT_CLOUD_RANGE = pcr
 
     def visit(node):
@@ -68,10 +64,11 @@ def crop_bev(cfg, nx, ny):
     return out
 
 
-def measure_row(name, cfg, batch, args, device, skipped):
+def measure_row(name, cfg, batch, args, device, skipped, may_crop=True):
     """Estimate + measure one (config, batch); prints the row. Returns ok, or None if skipped.
 
-    When only the RAM here stands in the way, measures the BEV-cropped config instead.
+    When only the memory here stands in the way (and ``may_crop``), measures the BEV-cropped
+    config instead.
     """
     try:
         e = estimate(cfg, batch_size=batch, voxels=args.voxels, target=device.type)
@@ -89,14 +86,14 @@ def measure_row(name, cfg, batch, args, device, skipped):
         skipped.append((f'{name} b{batch}', str(err)))
         return None
     if m.refused:
-        cropped = None if e.lower_bound or '[BEV' in name else crop_bev(cfg, *args.crop)
+        cropped = crop_bev(cfg, *args.crop) if may_crop and not e.lower_bound else None
         skipped.append((f'{name} b{batch}', m.refused + (
             f'; measured with the BEV cropped to {args.crop[0]}x{args.crop[1]} instead'
             if cropped is not None else '')))
         if cropped is None:
             return None
         return measure_row(f'{name} [BEV {args.crop[0]}x{args.crop[1]}]', cropped, batch,
-                           args, device, skipped)
+                           args, device, skipped, may_crop=False)
     ok = LIMIT_UNDER <= m.error <= LIMIT_OVER
     print(f'{name:44s} {batch:5d} {m.matched_bytes / 2 ** 20:13.1f} '
           f'{m.peak_bytes / 2 ** 20:13.1f} {m.error:+8.1%} {"yes" if ok else "NO":>4s} '
@@ -127,7 +124,8 @@ def main(argv=None):
     print(f'device: {device}; voxels per sample: {args.voxels}; '
           f'estimate modelled for {device.type.upper()} kernels')
     head = (f'{"config":44s} {"batch":>5s} {"estimate MiB":>13s} {"measured MiB":>13s} '
-            f'{"error":>8s} {"ok":>4s} {"as configured MiB":>18s} {"its error":>9s} {"time s":>7s}')
+            f'{"error":>8s} {"ok":>4s} {"as configured MiB":>18s} {"its error":>9s} '
+            f'{"time s":>7s}')
     print(head)
     print('-' * len(head))
     failures, skipped = 0, []
