@@ -51,6 +51,9 @@ class Estimate:
     transient_bytes: int = 0         # the largest single transient anywhere
     transient_label: str = ''
     transient_module: str = ''
+    # with estimate(..., timeline=True): (live bytes, phase, module, label) per event of the
+    # steady-state step (graph.Graph.timeline)
+    timeline: list = None
 
     @property
     def lower_bound(self):
@@ -86,7 +89,8 @@ def _context(cfg, geom, batch_size, counts, target, amp, assume):
 
 
 def estimate(cfg, batch_size=None, voxels=None, amp=False, target='cuda', data_counts=None,
-             focal_growth=None, focal_new_voxels=None, gt_boxes=None, observed=None):
+             focal_growth=None, focal_new_voxels=None, gt_boxes=None, observed=None,
+             timeline=False):
     """Estimate the peak memory of one training step of ``cfg`` (a loaded config).
 
     batch_size: per device (default OPTIMIZATION.BATCH_SIZE_PER_GPU); voxels: voxels per sample
@@ -131,6 +135,7 @@ def estimate(cfg, batch_size=None, voxels=None, amp=False, target='cuda', data_c
         notes.append(f'OPTIMIZATION.OPTIMIZER {opt_name!r} unknown to the estimator: assumed '
                      'two state copies per parameter (as Adam)')
     g = Graph(amp=amp, params_preloaded=True, target=target)
+    g.timeline = [] if timeline else None
     g.preload(param_bytes + buffer_bytes, 'parameters and buffers')
     opt_bytes = n_states * param_bytes
     g.preload(opt_bytes, f'{opt_name} state ({n_states} x parameters)')
@@ -167,4 +172,4 @@ def estimate(cfg, batch_size=None, voxels=None, amp=False, target='cuda', data_c
         not_modelled=list(ctx.not_modelled), notes=notes + list(ctx.notes),
         transient_bytes=big.transient if big else 0,
         transient_label=big.transient_label if big else '',
-        transient_module=big.name if big else '')
+        transient_module=big.name if big else '', timeline=g.timeline)

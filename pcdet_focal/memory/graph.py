@@ -120,6 +120,9 @@ class Graph:
         self.debug = False                # keep a snapshot of the live tensors at the peak
         self.peak_snapshot = None
         self._live_tensors = {}
+        # when a list: one (live bytes, phase, module, label) entry per allocation or release,
+        # in replay order (what tools/estimate_mem.py --plot draws)
+        self.timeline = None
 
     # ----------------------------------------------------------------- bookkeeping
     def _record(self, label=''):
@@ -142,11 +145,20 @@ class Graph:
     def _alloc(self, nbytes, label):
         self.live += int(nbytes)
         self._record(label)
+        self._mark(label)
+
+    def _release(self, nbytes, label=''):
+        self.live -= int(nbytes)
+        self._mark(label)
+
+    def _mark(self, label):
+        if self.timeline is not None:
+            self.timeline.append((self.live, self.phase, self.module, label))
 
     def _maybe_free(self, t):
         if not t.freed and t.py <= 0 and t.saved <= 0:
             t.freed = True
-            self.live -= t.nbytes
+            self._release(t.nbytes, t.label)
             self._live_tensors.pop(t.tid, None)
 
     def _note_temp(self, nbytes, label, module=None):
@@ -248,7 +260,7 @@ class Graph:
         """A buffer allocated and freed inside one op (workspace, im2col columns)."""
         self._note_temp(nbytes, label)
         self._alloc(nbytes, label)
-        self.live -= int(nbytes)
+        self._release(int(nbytes))
 
     def drop(self, *tensors):
         """Release one Python reference of each tensor (a local going out of scope)."""
@@ -398,7 +410,7 @@ class Graph:
                         share = min(pool, t.nbytes)
                         grads[t.tid] = share
                         pool -= share
-                self.live -= pool
+                self._release(pool)
                 self._release_saved(node)
                 continue
             for t in node.inputs:
@@ -411,13 +423,13 @@ class Graph:
                     self._alloc(p.nbytes, f'grad of {p.label}')
             if node.temp_bwd:
                 self._alloc(node.temp_bwd, node.temp_bwd_label)
-                self.live -= node.temp_bwd
+                self._release(node.temp_bwd)
             for o in node.outputs:
                 n = grads.pop(o.tid, 0)
-                self.live -= n
+                self._release(n)
             self._release_saved(node)
         for n in grads.values():   # gradients of leaves that are not parameters
-            self.live -= n
+            self._release(n)
         for node in self._nodes:   # nodes not reached by the loss free their saved tensors
             for t in node.saved:
                 t.saved -= 1
@@ -436,5 +448,5 @@ class Graph:
         self.phase = 'optimizer step'
         self.module = '(optimizer)'
         self._alloc(temp_bytes, label)
-        self.live -= int(temp_bytes)
+        self._release(int(temp_bytes))
         self.phase = 'done'
