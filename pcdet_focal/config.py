@@ -5,15 +5,20 @@
   loaded first and the including mapping's keys are merged on top (recursively). A base path is
   resolved relative to the including file's folder, then that folder's parents, then the repo
   root, then the current directory; a base may have its own base; cycles are an error.
-- :func:`apply_set` applies ``--set KEY.SUB VALUE ...`` pairs to existing keys only, parsing
-  values with ``ast.literal_eval`` (anything that does not parse stays a string).
+- :func:`apply_set` applies ``--set KEY.SUB VALUE ...`` pairs, parsing values with
+  ``ast.literal_eval`` (anything that does not parse stays a string). A key must exist in the
+  config, or be declared (``declared``: a callable the schema layer passes, see
+  :mod:`pcdet_focal.config_schema`).
 - :func:`resolve_path` finds a data path relative to the config files, the repo root or cwd.
+- :class:`Provenance` records where every key came from: file and line, the ``_BASE_CONFIG_``
+  it was inherited through, ``--set``, or a declared default (``pcdet-focal config`` prints it).
 
 Every error is a :class:`ConfigError` naming the file (and line, for YAML errors) or the key.
 """
 import ast
 import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -27,7 +32,71 @@ _PKG_ROOT = Path(__file__).resolve().parents[1]
 REPO_ROOT = _PKG_ROOT if (_PKG_ROOT / 'cfgs').is_dir() else None
 
 
-def _read_yaml(path):
+@dataclass
+class Origin:
+    """Where one config value came from."""
+
+    kind: str            # 'file' | 'base' | 'set' | 'default'
+    file: str = ''
+    line: int = None
+    via: str = ''        # 'base': the file whose _BASE_CONFIG_ pulled it in; 'default': who
+
+    def describe(self):
+        where = f'{self.file}:{self.line}' if self.line else self.file
+        if self.kind == 'file':
+            return where
+        if self.kind == 'base':
+            return f'{where} (inherited through _BASE_CONFIG_ in {self.via})'
+        if self.kind == 'set':
+            return '--set on the command line'
+        return f'default declared by {self.via}'
+
+
+class Provenance(dict):
+    """dotted key path (``DATA_CONFIG.DATA_PROCESSOR[2].VOXEL_SIZE``) -> :class:`Origin`."""
+
+    def record(self, path, origin):
+        self[path] = origin
+
+    def origin(self, path):
+        """The origin of ``path`` or of its nearest recorded parent (a key inside a list)."""
+        while path:
+            if path in self:
+                return self[path]
+            cut = max(path.rfind('.'), path.rfind('['))
+            path = path[:cut] if cut > 0 else ''
+        return None
+
+    def line_of(self, path):
+        o = self.origin(path)
+        return (o.file, o.line) if o is not None else (None, None)
+
+
+def _key_lines(text):
+    """{dotted path: 1-based line} of every mapping key in a YAML text (safe: compose only)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    lines = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for knode, vnode in node.value:
+                path = f'{prefix}.{knode.value}' if prefix else str(knode.value)
+                lines[path] = knode.start_mark.line + 1
+                walk(vnode, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f'{prefix}[{i}]')
+
+    if root is not None:
+        walk(root, '')
+    return lines
+
+
+def _read_yaml(path, lines=None):
+    """The mapping in ``path``; ``lines`` (a dict), when given, receives :func:`_key_lines`."""
     try:
         text = Path(path).read_text(encoding='utf-8')
     except FileNotFoundError:
@@ -51,6 +120,8 @@ def _read_yaml(path):
     if not isinstance(data, dict):
         raise ConfigError(f'{path}: a config must be a YAML mapping (KEY: value), '
                           f'got a {type(data).__name__}')
+    if lines is not None:
+        lines.update(_key_lines(text))
     return data
 
 
@@ -88,7 +159,38 @@ def _merge(dst, src):
     return dst
 
 
-def _expand(node, file, stack, files, key_path=''):
+class _Reading:
+    """One file being expanded: its key lines, where its root sits in the merged config and
+    the provenance table to fill (None: not recorded)."""
+
+    def __init__(self, file, lines, root, prov, via=''):
+        self.file, self.lines, self.root, self.prov, self.via = file, lines, root, prov, via
+
+    def origin(self, path):
+        line = self.lines.get(path[len(self.root):])
+        if self.via:
+            return Origin('base', str(self.file), line, self.via)
+        return Origin('file', str(self.file), line)
+
+    def record(self, path, value):
+        """``path`` was written in this file: it (and the list items under it) come from here;
+        a mapping only marks its own line (its keys are recorded one by one)."""
+        if self.prov is None:
+            return
+        if isinstance(value, dict):
+            self.prov.setdefault(path, self.origin(path))
+            return
+        for sub in list(self.prov):  # a value set again replaces what a base said below it
+            if sub.startswith(path + '.') or sub.startswith(path + '['):
+                del self.prov[sub]
+        self.prov.record(path, self.origin(path))
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                for k, v in (item.items() if isinstance(item, dict) else ()):
+                    self.record(f'{path}[{i}].{k}', v)
+
+
+def _expand(node, file, stack, files, key_path='', reading=None):
     """Resolve every ``_BASE_CONFIG_`` inside ``node`` (a mapping read from ``file``)."""
     out = {}
     if BASE_KEY in node:
@@ -97,7 +199,13 @@ def _expand(node, file, stack, files, key_path=''):
             chain = ' -> '.join(str(p) for p in [*stack, base_file])
             raise ConfigError(f'{file}: {key_path}{BASE_KEY} forms a cycle: {chain}')
         files.append(base_file)
-        base = _expand(_read_yaml(base_file), base_file, [*stack, base_file], files)
+        lines = {}
+        base_data = _read_yaml(base_file, lines)
+        via = f'{file}:{reading.lines.get(key_path[len(reading.root):] + BASE_KEY, "?")}' \
+            if reading is not None else str(file)
+        base_reading = _Reading(base_file, lines, key_path,
+                                reading.prov if reading is not None else None, via)
+        base = _expand(base_data, base_file, [*stack, base_file], files, key_path, base_reading)
         _merge(out, base)
     for key, val in node.items():
         if key == BASE_KEY:
@@ -105,8 +213,11 @@ def _expand(node, file, stack, files, key_path=''):
         if not isinstance(key, str):
             raise ConfigError(f'{file}: key {key!r} under {key_path or "the top level"} '
                               'must be a string')
+        path = f'{key_path}{key}'
+        if reading is not None:
+            reading.record(path, val)
         if isinstance(val, dict):
-            val = _expand(val, file, stack, files, f'{key_path}{key}.')
+            val = _expand(val, file, stack, files, f'{path}.', reading)
         if isinstance(val, dict) and isinstance(out.get(key), dict):
             _merge(out[key], val)
         else:
@@ -114,19 +225,25 @@ def _expand(node, file, stack, files, key_path=''):
     return out
 
 
-def load_config(path):
+INTERNAL_KEYS = ('CFG_FILE', 'CFG_SEARCH_DIRS')
+
+
+def load_config(path, provenance=None):
     """Load a YAML config (with its bases) into an EasyDict.
 
     Adds ``CFG_FILE`` (absolute path) and ``CFG_SEARCH_DIRS`` (folders of every file read,
     the including file first, then the repo root and the current directory; copied into
-    ``DATA_CONFIG``) used by :func:`resolve_path`.
+    ``DATA_CONFIG``) used by :func:`resolve_path`. ``provenance`` (a :class:`Provenance`),
+    when given, receives the file and line of every key.
     """
     path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
         raise ConfigError(f'{path}: config file not found')
     path = path.resolve()
     files = [path]
-    merged = _expand(_read_yaml(path), path, [path], files)
+    lines = {}
+    data = _read_yaml(path, lines)
+    merged = _expand(data, path, [path], files, '', _Reading(path, lines, '', provenance))
     cfg = EasyDict(merged)
     dirs = []
     for d in [*(f.parent for f in files), REPO_ROOT, Path.cwd()]:
@@ -187,24 +304,43 @@ def _coerce(key, old, new, text):
     raise mismatch()
 
 
-def apply_set(cfg, pairs):
-    """Apply ``[KEY, VALUE, KEY, VALUE, ...]`` overrides to existing keys of ``cfg``."""
+def apply_set(cfg, pairs, declared=None, provenance=None):
+    """Apply ``[KEY, VALUE, KEY, VALUE, ...]`` overrides to ``cfg``, in order.
+
+    A key the config holds keeps its type (:func:`_coerce`). A key it does not hold is accepted
+    when ``declared(cfg, parts)`` returns a parser ``f(text, key) -> value`` for it (a key some
+    module's declaration knows, given the NAMEs set so far); anything else is refused.
+    """
     pairs = list(pairs or [])
     if len(pairs) % 2:
         raise ConfigError(f'--set needs KEY VALUE pairs; {pairs[-1]!r} has no value')
     for key, text in zip(pairs[0::2], pairs[1::2]):
-        node = cfg
         parts = key.split('.')
+        node, missing_at = cfg, None
         for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f'--set {key}: no key {".".join(parts[:i + 1])!r} in the '
-                                  'config (--set changes existing keys only)')
+            if not isinstance(node, dict) or not isinstance(node.get(part), dict):
+                missing_at = i
+                break
             node = node[part]
-        leaf = parts[-1]
-        if not isinstance(node, dict) or leaf not in node:
-            raise ConfigError(f'--set {key}: no key {key!r} in the config (--set changes '
-                              'existing keys only)')
-        node[leaf] = _coerce(key, node[leaf], _parse_value(text), text)
+        if missing_at is None and isinstance(node, dict) and parts[-1] in node:
+            node[parts[-1]] = _coerce(key, node[parts[-1]], _parse_value(text), text)
+        else:
+            parser = declared(cfg, parts) if declared is not None else None
+            if parser is None:
+                raise ConfigError(f'--set {key}: no key {key!r} in the config and no module '
+                                  'declares it (check the spelling; `pcdet-focal config CFG` '
+                                  'lists every key)')
+            value = parser(text, key)
+            node = cfg
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    node[part] = EasyDict()
+                node = node[part]
+            node[parts[-1]] = value
+        if provenance is not None:
+            for sub in [p for p in provenance if p.startswith(key + '.')]:
+                del provenance[sub]
+            provenance.record(key, Origin('set'))
     return cfg
 
 

@@ -101,7 +101,7 @@ def test_empty_boxes_and_bad_configs():
     out = aug.forward({'gt_boxes': np.zeros((0, 7), np.float32),
                        'points': np.zeros((0, 4), np.float32)})
     assert out['gt_boxes'].shape == (0, 7) and out['points'].shape == (0, 4)
-    with pytest.raises(ConfigError, match="ALONG_AXIS_LIST: unknown axis 'z'"):
+    with pytest.raises(ConfigError, match=r"ALONG_AXIS_LIST\[0\]='z' is not one of x, y"):
         DataAugmentor(cfg({'NAME': 'random_world_flip', 'ALONG_AXIS_LIST': ['z']}))
     with pytest.raises(ConfigError, match='WORLD_SCALE_RANGE'):
         DataAugmentor(cfg({'NAME': 'random_world_scaling', 'WORLD_SCALE_RANGE': [1.2, 0.8]}))

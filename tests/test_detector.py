@@ -211,7 +211,7 @@ def test_bev_backbone_shapes_and_num_bev_features():
     ({'NUM_UPSAMPLE_FILTERS': [8]}, 'NUM_UPSAMPLE_FILTERS (1)'),
     ({'UPSAMPLE_STRIDES': [1, 2, 2], 'NUM_UPSAMPLE_FILTERS': [8, 8, 8]}, 'one upsample stride'),
     ({'UPSAMPLE_STRIDES': [1, 0.3]}, 'UPSAMPLE_STRIDES[1]=0.3'),
-    ({'NUM_FILTERS': [8, 'x']}, 'NUM_FILTERS must be a list of integers'),
+    ({'NUM_FILTERS': [8, 'x']}, "NUM_FILTERS[1]='x' must be an integer >= 1"),
 ])
 def test_bev_backbone_config_errors(over, words):
     cfg = EasyDict(LAYER_NUMS=[1, 1], LAYER_STRIDES=[1, 2], NUM_FILTERS=[8, 16],

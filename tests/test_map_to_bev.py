@@ -282,7 +282,7 @@ def test_pointpillar_scatter3d_matches_dense_and_keeps_empty_last_sample(float_c
     (dict(MODE='learned', INPUT_FEATURES=8, NUM_BEV_FEATURES=8), None, ['NUM_HEIGHT_BINS']),
     (dict(MODE='learned', INPUT_FEATURES=8, NUM_BEV_FEATURES=8, NUM_HEIGHT_BINS=4,
           INPUT_SHAPE=[4, 4, 5]), None, ['INPUT_SHAPE', 'nz=5', 'NUM_HEIGHT_BINS=4']),
-    (dict(MODE='max', NUM_BEV_FEATURES=-3), None, ['NUM_BEV_FEATURES=-3', 'positive']),
+    (dict(MODE='max', NUM_BEV_FEATURES=-3), None, ['NUM_BEV_FEATURES=-3', '>= 1']),
     (dict(MODE='max', NUM_BEV_FEATURES=8, Z_STRIDE=0), None, ['Z_STRIDE=0']),
     (dict(MODE='max', NUM_BEV_FEATURES=8, INPUT_SHAPE=[4, 4]), None, ['INPUT_SHAPE', 'nx, ny, nz']),
     (dict(MODE='learned', INPUT_FEATURES=8, NUM_BEV_FEATURES=8, USE_NORM='yes'), [4, 4, 4],
@@ -292,7 +292,7 @@ def test_shc_config_errors_name_the_field(cfg, grid, words):
     with pytest.raises(ConfigError) as err:
         SparseHeightCompression(EasyDict(cfg), grid_size=grid)
     msg = str(err.value)
-    assert '\n' not in msg and msg.startswith('MAP_TO_BEV.')
+    assert '\n' not in msg and msg.startswith('MODEL.MAP_TO_BEV.')
     for word in words:
         assert word in msg, (word, msg)
 

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..schema import Choice, Key, ListOf, Range, Schema, Steps, Str
 from ..ops.box_utils import limit_period, rotate_points_along_z
 
 _warned = set()  # augmentation names already warned about in this process
@@ -65,34 +65,43 @@ def scale_world(boxes, points, scale):
     return boxes, points
 
 
-def _range_pair(value, field, symmetric_scalar):
-    if np.isscalar(value) and symmetric_scalar:
-        value = [-abs(float(value)), abs(float(value))]
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f'{field} must be [min, max], got {value!r}') from None
-    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
-        raise ConfigError(f'{field} must be [min, max] with min <= max, got {value!r}')
-    return lo, hi
+_SUPPORTED = {
+    'random_world_flip': Schema('random_world_flip', [
+        Key('ALONG_AXIS_LIST', ListOf(Choice('x', 'y')), ['x'], 'flip along x and / or y'),
+    ]),
+    'random_world_rotation': Schema('random_world_rotation', [
+        Key('WORLD_ROT_ANGLE', Range(symmetric_scalar=True), [-math.pi / 4, math.pi / 4],
+            'rotation around z, radians'),
+    ]),
+    'random_world_scaling': Schema('random_world_scaling', [
+        Key('WORLD_SCALE_RANGE', Range(lo=0), [0.95, 1.05], 'scale factor'),
+    ]),
+}
+
+# other names (OpenPCDet's gt_sampling, local augmentations, ...) pass the check as written and
+# are skipped with one warning each
+AUGMENTOR_CONFIG = Schema('DATA_AUGMENTOR', [
+    Key('DISABLE_AUG_LIST', ListOf(Str()), [], 'names in AUG_CONFIG_LIST to skip'),
+    Key('AUG_CONFIG_LIST', Steps(_SUPPORTED, 'augmentation', others_ok=True), [],
+        'training augmentations in order: ' + ', '.join(_SUPPORTED)),
+])
 
 
 class DataAugmentor:
     """Applies the configured world augmentations to ``data_dict['points'/'gt_boxes']``."""
 
-    SUPPORTED = ('random_world_flip', 'random_world_rotation', 'random_world_scaling')
+    SUPPORTED = tuple(_SUPPORTED)
 
     def __init__(self, augmentor_cfg, logger=None, field='DATA_CONFIG.DATA_AUGMENTOR'):
         self.logger = logger or logging.getLogger('pcdet_focal')
         self.queue = []  # (name, callable(boxes, points) -> (boxes, points))
         if not augmentor_cfg:
             return
-        disabled = set(augmentor_cfg.get('DISABLE_AUG_LIST', None) or [])
-        for i, cfg in enumerate(augmentor_cfg.get('AUG_CONFIG_LIST', None) or []):
+        augmentor_cfg = AUGMENTOR_CONFIG.parse(augmentor_cfg, field)
+        disabled = set(augmentor_cfg.DISABLE_AUG_LIST)
+        for i, cfg in enumerate(augmentor_cfg.AUG_CONFIG_LIST):
             where = f'{field}.AUG_CONFIG_LIST[{i}]'
-            name = cfg.get('NAME') if isinstance(cfg, dict) else None
-            if not name:
-                raise ConfigError(f'{where} needs a NAME (one of {", ".join(self.SUPPORTED)})')
+            name = cfg.NAME
             if name in disabled:
                 continue
             if name not in self.SUPPORTED:
@@ -106,11 +115,7 @@ class DataAugmentor:
 
     @staticmethod
     def _build_random_world_flip(cfg, where):
-        axes = list(cfg.get('ALONG_AXIS_LIST', ['x']))
-        for axis in axes:
-            if axis not in ('x', 'y'):
-                raise ConfigError(f"{where}.ALONG_AXIS_LIST: unknown axis {axis!r}; use 'x' "
-                                  "and/or 'y'")
+        axes = cfg.ALONG_AXIS_LIST
 
         def apply(boxes, points):
             for axis in axes:
@@ -121,8 +126,7 @@ class DataAugmentor:
 
     @staticmethod
     def _build_random_world_rotation(cfg, where):
-        lo, hi = _range_pair(cfg.get('WORLD_ROT_ANGLE', [-math.pi / 4, math.pi / 4]),
-                             f'{where}.WORLD_ROT_ANGLE', symmetric_scalar=True)
+        lo, hi = cfg.WORLD_ROT_ANGLE
 
         def apply(boxes, points):
             return rotate_world(boxes, points, np.random.uniform(lo, hi))
@@ -130,10 +134,7 @@ class DataAugmentor:
 
     @staticmethod
     def _build_random_world_scaling(cfg, where):
-        lo, hi = _range_pair(cfg.get('WORLD_SCALE_RANGE', [0.95, 1.05]),
-                             f'{where}.WORLD_SCALE_RANGE', symmetric_scalar=False)
-        if lo <= 0:
-            raise ConfigError(f'{where}.WORLD_SCALE_RANGE must be positive, got [{lo}, {hi}]')
+        lo, hi = cfg.WORLD_SCALE_RANGE
 
         def apply(boxes, points):
             return scale_world(boxes, points, np.random.uniform(lo, hi))

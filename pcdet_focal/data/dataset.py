@@ -18,8 +18,24 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .augment import DataAugmentor
-from .processor import DataProcessor, PointFeatureEncoder
+from ..schema import REQUIRED, Float, Key, ListOf, PerSplit, Section, Str
+from .augment import AUGMENTOR_CONFIG, DataAugmentor
+from .processor import ENCODING_CONFIG, PROCESSOR_STEPS, DataProcessor, PointFeatureEncoder
+
+# DATA_CONFIG keys every dataset reads (OpenPCDet's); a dataset class declares
+# ``CONFIG = Schema(name, [*DATA_KEYS, ...its own keys])``
+DATA_KEYS = (
+    Key('DATASET', Str(), REQUIRED, 'the dataset class, e.g. SyntheticDataset, KittiDataset'),
+    Key('DATA_PATH', Str(), None, "data folder; a relative path resolves against the config "
+        "files' folders, the repo root, then the current directory"),
+    Key('POINT_CLOUD_RANGE', ListOf(Float(), length=6), REQUIRED,
+        '[x_min, y_min, z_min, x_max, y_max, z_max], metres'),
+    Key('DATA_SPLIT', PerSplit(Str()), {'train': 'train', 'test': 'val'}, 'split names'),
+    Key('DATA_AUGMENTOR', Section(AUGMENTOR_CONFIG), None, 'training augmentations'),
+    Key('POINT_FEATURE_ENCODING', Section(ENCODING_CONFIG), None, 'which point columns'),
+    Key('DATA_PROCESSOR', PROCESSOR_STEPS, REQUIRED,
+        'processing steps in order; transform_points_to_voxels gives the voxel grid'),
+)
 
 
 class SharedCounter:
@@ -54,6 +70,14 @@ def _rebuild_shared_counter(value):
     return counter
 
 
+def foreign_keys(schema):
+    """DATA_CONFIG keys our other datasets declare: a config switched to another dataset
+    (``--set DATA_CONFIG.DATASET KittiDataset``) keeps them, unused, without an error."""
+    from ..registry import DATASET
+    return {key.name for _, cls in DATASET.items() if getattr(cls, 'CONFIG', None) is not None
+            for key in cls.CONFIG} - {key.name for key in schema}
+
+
 class DatasetTemplate(torch.utils.data.Dataset):
     """Base of our datasets; attributes and methods as OpenPCDet's DatasetTemplate.
 
@@ -66,12 +90,16 @@ class DatasetTemplate(torch.utils.data.Dataset):
 
     # log a line about non-finite points for the first frame that has them, then every N frames
     NONFINITE_LOG_EVERY = 1000
+    CONFIG = None   # a subclass's DATA_CONFIG declaration (checked at construction)
 
     def __init__(self, dataset_cfg, class_names, training=True, root_path=None, logger=None):
         super().__init__()
         if dataset_cfg is None:
             raise ConfigError('DATA_CONFIG is missing from the config')
         self.dataset_cfg = dataset_cfg
+        self.cfg = None
+        if self.CONFIG is not None:
+            self.cfg = self.CONFIG.parse(dataset_cfg, 'DATA_CONFIG', foreign_keys(self.CONFIG))
         self.class_names = list(class_names or [])
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):
             raise ConfigError(f'CLASS_NAMES must be a non-empty list of distinct names, got '

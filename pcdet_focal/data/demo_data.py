@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from . import kitti_io
-from .synthetic_scene import SceneConfig, SceneGenerator
+from .synthetic_scene import SceneGenerator
 
 logger = logging.getLogger('pcdet_focal')
 
@@ -59,7 +59,7 @@ def write_demo_dataset(out, num_train=40, num_val=10, seed_train=0, seed_val=1,
     (out / 'ImageSets').mkdir(parents=True, exist_ok=True)
 
     pc = point_cloud_range
-    generator = SceneGenerator(SceneConfig.from_cfg(scene_cfg), region=(pc[0], pc[1], pc[3], pc[4]))
+    generator = SceneGenerator(scene_cfg, region=(pc[0], pc[1], pc[3], pc[4]))
     calib = kitti_io.Calibration(kitti_io.DEFAULT_CALIB['P2'], kitti_io.DEFAULT_CALIB['R0_rect'],
                                  kitti_io.DEFAULT_CALIB['Tr_velo_to_cam'])
     ids = {'train': [], 'val': []}

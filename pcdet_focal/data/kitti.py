@@ -31,9 +31,10 @@ import numpy as np
 
 from ..config import resolve_path
 from ..errors import ConfigError, DataError
+from ..schema import AnyValue, Bool, Int, Key, ListOf, Schema
 from ..registry import DATASET
 from . import kitti_io
-from .dataset import DatasetTemplate
+from .dataset import DATA_KEYS, DatasetTemplate
 
 _MAX_WARNINGS = 20  # per dataset; the rest are summarised in one line
 
@@ -65,23 +66,28 @@ def resolve_data_path(dataset_cfg, root_path=None):
 # DATASET: KittiRawDataset selects this reader there
 @DATASET.register(aliases=('KittiRawDataset',))
 class KittiDataset(DatasetTemplate):
+    CONFIG = Schema('KittiDataset', [
+        *DATA_KEYS,
+        Key('STRICT', Bool(), False, 'a broken frame stops the run instead of being skipped'),
+        Key('FOV_POINTS_ONLY', Bool(), False, "keep the points inside camera 2's image"),
+        Key('IMAGE_SHAPE', ListOf(Int(lo=1), length=2, what='[H, W]'),
+            list(kitti_io.KITTI_IMAGE_SHAPE), 'image size when training/image_2 is absent'),
+        Key('EVAL_IGNORE_OUTSIDE_RANGE', Bool(), False,
+            'objects centred outside POINT_CLOUD_RANGE are ignored by the evaluation'),
+        Key('INFO_PATH', AnyValue(), None, "OpenPCDet's info pkls (unused: raw files are read)"),
+        Key('GET_ITEM_LIST', AnyValue(), None, "OpenPCDet's key (unused)"),
+    ])
+
     def __init__(self, dataset_cfg, class_names, training=True, root_path=None, logger=None):
         super().__init__(dataset_cfg, class_names, training, root_path, logger)
+        cfg = self.cfg
         self.root_path = resolve_data_path(dataset_cfg, root_path)
-        splits = dataset_cfg.get('DATA_SPLIT', {'train': 'train', 'test': 'val'})
-        if not isinstance(splits, dict) or self.mode not in splits:
-            raise ConfigError(f"DATA_CONFIG.DATA_SPLIT needs a '{self.mode}' entry (e.g. "
-                              f"{{train: train, test: val}}), got {splits!r}")
-        self.split = str(splits[self.mode])
+        self.split = str(cfg.DATA_SPLIT[self.mode])
         self.root_split_path = self.root_path / ('testing' if self.split == 'test' else 'training')
-        self.strict = bool(dataset_cfg.get('STRICT', False))
-        self.fov_points_only = bool(dataset_cfg.get('FOV_POINTS_ONLY', False))
-        shape = dataset_cfg.get('IMAGE_SHAPE', list(kitti_io.KITTI_IMAGE_SHAPE))
-        if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and min(shape) > 0):
-            raise ConfigError(f'DATA_CONFIG.IMAGE_SHAPE must be [H, W], got {shape!r}')
-        self.default_image_shape = (int(shape[0]), int(shape[1]))
-        self.eval_ignore_outside_range = bool(dataset_cfg.get('EVAL_IGNORE_OUTSIDE_RANGE',
-                                                              False))
+        self.strict = cfg.STRICT
+        self.fov_points_only = cfg.FOV_POINTS_ONLY
+        self.default_image_shape = tuple(cfg.IMAGE_SHAPE)
+        self.eval_ignore_outside_range = cfg.EVAL_IGNORE_OUTSIDE_RANGE
         self.num_raw_features = len(self.point_feature_encoder.src_feature_list)
         self.skipped_frames = []  # (frame id, reason)
         self.frames = self._load_frames()

@@ -16,39 +16,34 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..registry import DATASET
-from .dataset import DatasetTemplate
-from .synthetic_scene import SceneConfig, SceneGenerator
-
-
-def _split_value(cfg, key, mode, default=None):
-    value = cfg.get(key, default)
-    if isinstance(value, dict):
-        if mode not in value:
-            raise ConfigError(f"DATA_CONFIG.{key} needs a '{mode}' entry, got {dict(value)}")
-        value = value[mode]
-    return value
+from ..schema import Int, Key, PerSplit, Schema, Section
+from .dataset import DATA_KEYS, DatasetTemplate
+from .synthetic_scene import SCENE_CONFIG, SceneGenerator, scene_config
 
 
 @DATASET.register()
 class SyntheticDataset(DatasetTemplate):
+    CONFIG = Schema('SyntheticDataset', [
+        *DATA_KEYS,
+        Key('NUM_FRAMES', PerSplit(Int(lo=1)), {'train': 200, 'test': 50}, 'frames per split'),
+        Key('SEED', PerSplit(Int(lo=0)), {'train': 0, 'test': 1},
+            'split seeds (must differ: val scenes are not training scenes)'),
+        Key('EVAL_MIN_POINTS', Int(lo=0), 5,
+            'objects with fewer returns are ignored by the evaluation'),
+        Key('SCENE', Section(SCENE_CONFIG), None, 'sensor and scene knobs'),
+    ])
+
     def __init__(self, dataset_cfg, class_names, training=True, root_path=None, logger=None):
         super().__init__(dataset_cfg, class_names, training, root_path, logger)
-        frames = _split_value(dataset_cfg, 'NUM_FRAMES', self.mode, {'train': 200, 'test': 50})
-        if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
-            raise ConfigError(f'DATA_CONFIG.NUM_FRAMES.{self.mode} must be an int >= 1, got '
-                              f'{frames!r}')
-        seeds = dataset_cfg.get('SEED', {'train': 0, 'test': 1})
-        self.seed = _split_value(dataset_cfg, 'SEED', self.mode, {'train': 0, 'test': 1})
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ConfigError(f'DATA_CONFIG.SEED.{self.mode} must be an int >= 0, got '
-                              f'{self.seed!r}')
-        if isinstance(seeds, dict) and seeds.get('train') == seeds.get('test'):
+        cfg = self.cfg
+        self.seed = cfg.SEED[self.mode]
+        if cfg.SEED.train == cfg.SEED.test:
             raise ConfigError(f'DATA_CONFIG.SEED: train and test are both {self.seed}, so the '
                               'validation scenes would be the training scenes; give them '
                               'different seeds')
-        self.eval_min_points = int(dataset_cfg.get('EVAL_MIN_POINTS', 5))
-        self.num_frames = frames
-        self.scene_cfg = SceneConfig.from_cfg(dataset_cfg.get('SCENE'))
+        self.eval_min_points = cfg.EVAL_MIN_POINTS
+        self.num_frames = cfg.NUM_FRAMES[self.mode]
+        self.scene_cfg = scene_config(dataset_cfg.get('SCENE'))
         pc = self.point_cloud_range
         self.generator = SceneGenerator(self.scene_cfg, region=(pc[0], pc[1], pc[3], pc[4]))
         self._gt_cache = None

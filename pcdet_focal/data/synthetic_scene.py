@@ -25,11 +25,12 @@ Returned boxes follow OpenPCDet: (x, y, z, dx, dy, dz, heading) with z the box c
 Objects that no ray reaches are not labelled (an annotator could not see them either).
 """
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..schema import Float, Int, Key, ListOf, Schema
 from .raycast import ray_box, ray_plane, ray_sphere, ray_vertical_cylinder
 
 CLASS_NAMES = ('Car', 'Pedestrian', 'Cyclist')
@@ -42,59 +43,37 @@ _SIZE_STATS = {
 }
 
 
-@dataclass
-class SceneConfig:
-    """Scene knobs (DATA_CONFIG.SCENE in the synthetic dataset config)."""
-    NUM_BEAMS: int = 32
-    NUM_AZIMUTH: int = 1024
-    VERTICAL_FOV: list = field(default_factory=lambda: [-24.8, 2.0])
-    HORIZONTAL_FOV: list = field(default_factory=lambda: [-180.0, 180.0])
-    SENSOR_HEIGHT: float = 1.73
-    MAX_RANGE: float = 80.0
-    MIN_RANGE: float = 1.0
-    RANGE_NOISE: float = 0.02
-    DROPOUT: float = 0.03
-    GROUND_TILT_DEG: float = 0.6
-    NUM_CARS: list = field(default_factory=lambda: [6, 16])
-    NUM_PEDESTRIANS: list = field(default_factory=lambda: [0, 8])
-    NUM_CYCLISTS: list = field(default_factory=lambda: [0, 4])
-    CLUTTER_DENSITY: float = 1.0
+def _pair(item):
+    return ListOf(item, length=2, what='[min, max]')
 
-    @classmethod
-    def from_cfg(cls, cfg, field_name='DATA_CONFIG.SCENE'):
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f'{field_name}: unknown key(s) {unknown}; known: {sorted(known)}')
-        out = cls(**cfg)
-        out.validate(field_name)
-        return out
 
-    def validate(self, where):
-        def positive_int(name, lo=1):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ConfigError(f'{where}.{name} must be an int >= {lo}, got {v!r}')
-        positive_int('NUM_BEAMS')
-        positive_int('NUM_AZIMUTH', 8)
-        for name in ('VERTICAL_FOV', 'HORIZONTAL_FOV', 'NUM_CARS', 'NUM_PEDESTRIANS',
-                     'NUM_CYCLISTS'):
-            v = getattr(self, name)
-            if not isinstance(v, (list, tuple)) or len(v) != 2 or not v[0] <= v[1]:
-                raise ConfigError(f'{where}.{name} must be [min, max] with min <= max, got {v!r}')
-        if min(self.NUM_CARS[0], self.NUM_PEDESTRIANS[0], self.NUM_CYCLISTS[0]) < 0:
-            raise ConfigError(f'{where}: object counts must be >= 0')
-        if not (-90 <= self.VERTICAL_FOV[0] and self.VERTICAL_FOV[1] <= 90):
-            raise ConfigError(f'{where}.VERTICAL_FOV must lie in [-90, 90] degrees')
-        for name in ('SENSOR_HEIGHT', 'MAX_RANGE'):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f'{where}.{name} must be > 0, got {getattr(self, name)!r}')
-        for name in ('RANGE_NOISE', 'MIN_RANGE', 'GROUND_TILT_DEG', 'CLUTTER_DENSITY'):
-            if not float(getattr(self, name)) >= 0:
-                raise ConfigError(f'{where}.{name} must be >= 0, got {getattr(self, name)!r}')
-        if not 0 <= float(self.DROPOUT) < 1:
-            raise ConfigError(f'{where}.DROPOUT must be in [0, 1), got {self.DROPOUT!r}')
+SCENE_CONFIG = Schema('SCENE', [
+    Key('NUM_BEAMS', Int(lo=1), 32, 'laser beams of the spinning sensor'),
+    Key('NUM_AZIMUTH', Int(lo=8), 1024, 'azimuth steps per revolution'),
+    Key('VERTICAL_FOV', _pair(Float(lo=-90, hi=90)), [-24.8, 2.0],
+        'beam elevations, degrees (KITTI HDL-64E span)'),
+    Key('HORIZONTAL_FOV', _pair(Float()), [-180.0, 180.0], 'azimuth span, degrees'),
+    Key('SENSOR_HEIGHT', Float(lo=0, lo_open=True), 1.73, 'metres above the ground'),
+    Key('MAX_RANGE', Float(lo=0, lo_open=True), 80.0, 'metres'),
+    Key('MIN_RANGE', Float(lo=0), 1.0, 'metres'),
+    Key('RANGE_NOISE', Float(lo=0), 0.02, 'metres, Gaussian along the ray'),
+    Key('DROPOUT', Float(lo=0, hi=1, hi_open=True), 0.03, 'share of lost returns'),
+    Key('GROUND_TILT_DEG', Float(lo=0), 0.6, 'largest ground tilt, degrees'),
+    Key('NUM_CARS', _pair(Int(lo=0)), [6, 16], 'cars attempted per frame'),
+    Key('NUM_PEDESTRIANS', _pair(Int(lo=0)), [0, 8], 'pedestrians attempted per frame'),
+    Key('NUM_CYCLISTS', _pair(Int(lo=0)), [0, 4], 'cyclists attempted per frame'),
+    Key('CLUTTER_DENSITY', Float(lo=0), 1.0, 'poles, trees, bushes, small boxes per road length'),
+])
+
+
+def scene_config(cfg=None, field='DATA_CONFIG.SCENE'):
+    """DATA_CONFIG.SCENE checked against SCENE_CONFIG (defaults filled in): an EasyDict."""
+    out = SCENE_CONFIG.parse(cfg, field)
+    for name in ('VERTICAL_FOV', 'HORIZONTAL_FOV', 'NUM_CARS', 'NUM_PEDESTRIANS', 'NUM_CYCLISTS'):
+        lo, hi = out[name]
+        if lo > hi:
+            raise ConfigError(f'{field}.{name}={out[name]} must be [min, max] with min <= max')
+    return out
 
 
 @dataclass
@@ -154,8 +133,7 @@ class SceneGenerator:
     where labelled objects go (the dataset passes its POINT_CLOUD_RANGE)."""
 
     def __init__(self, scene_cfg=None, region=(-40.0, -40.0, 40.0, 40.0)):
-        self.cfg = scene_cfg if isinstance(scene_cfg, SceneConfig) else \
-            SceneConfig.from_cfg(scene_cfg)
+        self.cfg = scene_config(scene_cfg)
         c = self.cfg
         self.region = tuple(float(v) for v in region)
         self.elevation = np.deg2rad(np.linspace(c.VERTICAL_FOV[1], c.VERTICAL_FOV[0],

@@ -1,15 +1,8 @@
 """BACKBONE_2D ``BaseBEVBackbone``: conv blocks per stride, each upsampled back and concatenated.
 
-Config keys (OpenPCDet's):
-  LAYER_NUMS [n_0, ...]        extra 3x3 conv layers in block i (after its strided conv)
-  LAYER_STRIDES [s_0, ...]     stride of block i's first conv (strides compound block to block)
-  NUM_FILTERS [c_0, ...]       channels of block i
-  UPSAMPLE_STRIDES [u_0, ...]  optional; per block, back to a common resolution: u >= 1 ->
-                               ConvTranspose2d(kernel = stride = u); u < 1 -> Conv2d with
-                               kernel = stride = 1/u (must be an integer); u == 1 with
-                               USE_CONV_FOR_NO_STRIDE: True -> 1x1 Conv2d
-  NUM_UPSAMPLE_FILTERS [...]   channels of each upsampled output
-  USE_CONV_FOR_NO_STRIDE       default False
+Config keys: ``CONFIG`` below (OpenPCDet's). Upsampling per block, back to a common
+resolution: u >= 1 -> ConvTranspose2d(kernel = stride = u); u < 1 -> Conv2d with kernel =
+stride = 1/u (an integer); u == 1 with USE_CONV_FOR_NO_STRIDE -> a 1x1 Conv2d.
 num_bev_features = sum(NUM_UPSAMPLE_FILTERS); without UPSAMPLE_STRIDES the output is the last
 block's map (NUM_FILTERS[-1] channels); with no blocks at all the input passes through.
 Reads ``spatial_features`` (B, C, H, W), writes ``spatial_features_2d``.
@@ -20,20 +13,7 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from ..registry import BACKBONE_2D
-
-
-def _num_list(cfg, key, minimum, integer=True):
-    vals = cfg.get(key, None)
-    if vals is None:
-        return None
-    kinds = int if integer else (int, float)
-    if not isinstance(vals, (list, tuple)) or any(
-            isinstance(v, bool) or not isinstance(v, kinds) for v in vals):
-        what = 'integers' if integer else 'numbers'
-        raise ConfigError(f'BACKBONE_2D.{key} must be a list of {what}, got {vals!r}')
-    if any(v < minimum for v in vals):
-        raise ConfigError(f'BACKBONE_2D.{key}={list(vals)}: every entry must be >= {minimum}')
-    return list(vals)
+from ..schema import AnyValue, Bool, Float, Int, Key, ListOf, Schema
 
 
 def _bn_relu(channels):
@@ -43,32 +23,44 @@ def _bn_relu(channels):
 
 @BACKBONE_2D.register()
 class BaseBEVBackbone(nn.Module):
+    CONFIG = Schema('BaseBEVBackbone', [
+        Key('LAYER_NUMS', ListOf(Int(lo=0)), [], 'extra 3x3 conv layers of each block'),
+        Key('LAYER_STRIDES', ListOf(Int(lo=1)), [],
+            "stride of each block's first conv (strides compound block to block)"),
+        Key('NUM_FILTERS', ListOf(Int(lo=1)), [], 'channels of each block'),
+        Key('UPSAMPLE_STRIDES', ListOf(Float(lo=0, lo_open=True)), [],
+            'per block, back to a common resolution (u >= 1: transposed conv; 1/k: conv)'),
+        Key('NUM_UPSAMPLE_FILTERS', ListOf(Int(lo=1)), [], 'channels of each upsampled output'),
+        Key('USE_CONV_FOR_NO_STRIDE', Bool(), False, 'upsample stride 1 as a 1x1 conv'),
+        Key('NUM_FRAME', AnyValue(), None, "OpenPCDet's MPPNet key (unused)"),
+    ])
+
     def __init__(self, model_cfg, input_channels, **kwargs):
         super().__init__()
         self.model_cfg = model_cfg
+        p = 'MODEL.BACKBONE_2D'
+        cfg = self.cfg = self.CONFIG.parse(model_cfg, p)
         if input_channels is None:
-            raise ConfigError('BACKBONE_2D.BaseBEVBackbone needs its input channel count from '
+            raise ConfigError(f'{p} (BaseBEVBackbone) needs its input channel count from '
                               'MAP_TO_BEV.NUM_BEV_FEATURES; add a MODEL.MAP_TO_BEV module')
         self.input_channels = int(input_channels)
-        layer_nums = _num_list(model_cfg, 'LAYER_NUMS', 0) or []
-        layer_strides = _num_list(model_cfg, 'LAYER_STRIDES', 1) or []
-        num_filters = _num_list(model_cfg, 'NUM_FILTERS', 1) or []
+        layer_nums, layer_strides = cfg.LAYER_NUMS, cfg.LAYER_STRIDES
+        num_filters = cfg.NUM_FILTERS
         if not len(layer_nums) == len(layer_strides) == len(num_filters):
-            raise ConfigError(f'BACKBONE_2D: LAYER_NUMS ({len(layer_nums)} entries), '
+            raise ConfigError(f'{p}: LAYER_NUMS ({len(layer_nums)} entries), '
                               f'LAYER_STRIDES ({len(layer_strides)}) and NUM_FILTERS '
                               f'({len(num_filters)}) must have one entry per block')
-        up_strides = _num_list(model_cfg, 'UPSAMPLE_STRIDES', 0, integer=False) or []
-        up_filters = _num_list(model_cfg, 'NUM_UPSAMPLE_FILTERS', 1) or []
+        up_strides, up_filters = cfg.UPSAMPLE_STRIDES, cfg.NUM_UPSAMPLE_FILTERS
         if len(up_strides) != len(up_filters):
-            raise ConfigError(f'BACKBONE_2D: UPSAMPLE_STRIDES ({len(up_strides)} entries) and '
+            raise ConfigError(f'{p}: UPSAMPLE_STRIDES ({len(up_strides)} entries) and '
                               f'NUM_UPSAMPLE_FILTERS ({len(up_filters)}) must have the same '
                               'length')
         if up_strides and len(up_strides) != len(layer_nums):
-            raise ConfigError(f'BACKBONE_2D: UPSAMPLE_STRIDES has {len(up_strides)} entries but '
+            raise ConfigError(f'{p}: UPSAMPLE_STRIDES has {len(up_strides)} entries but '
                               f'there are {len(layer_nums)} blocks (LAYER_NUMS); give one '
                               'upsample stride per block (an extra final deblock is not '
                               'supported)')
-        use_conv = bool(model_cfg.get('USE_CONV_FOR_NO_STRIDE', False))
+        use_conv = cfg.USE_CONV_FOR_NO_STRIDE
 
         self.blocks = nn.ModuleList()
         self.deblocks = nn.ModuleList()
@@ -107,6 +99,10 @@ class BaseBEVBackbone(nn.Module):
             conv = nn.Conv2d(c_in, c_out, s, stride=s, bias=False)
         return nn.Sequential(conv, *_bn_relu(c_out))
 
+    def memory(self, tape, flow):
+        """The memory rule: :func:`bev_backbone_memory`."""
+        bev_backbone_memory(self, tape, flow)
+
     def forward(self, data_dict):
         """Reads ``spatial_features`` (B, C_in, H, W); writes ``spatial_features_2d``
         (B, num_bev_features, H', W')."""
@@ -137,3 +133,47 @@ class BaseBEVBackbone(nn.Module):
             x = outs[0]
         data_dict['spatial_features_2d'] = x
         return data_dict
+
+
+def bev_backbone_memory(module, tape, flow, keep_levels=False):
+    """Memory rule of a BaseBEVBackbone-shaped module (``blocks`` / ``deblocks`` Sequentials,
+    outputs concatenated): ours, and OpenPCDet's (``keep_levels``: its forward keeps every
+    level's output in a dict until it returns)."""
+    x0 = flow.bev
+    x, outs, levels = x0, [], []
+    for i, block in enumerate(module.blocks):
+        y = tape.run(x, block, f'blocks.{i}')
+        if x is not x0 and not keep_levels:
+            tape.drop(x.t)          # the local ``x`` moves on to the new level
+        x = y
+        levels.append(y)
+        outs.append(tape.run(y, module.deblocks[i], f'deblocks.{i}') if len(module.deblocks)
+                    else None)
+    outs = [o for o in outs if o is not None]
+    if len(outs) > 1:
+        out = tape.cat_channels(outs, 'cat')
+        tape.drop(*(o.t for o in outs))
+    elif outs:
+        out = outs[0]
+    else:
+        out = x
+        out.t.py += 1
+    tape.set_batch('spatial_features_2d', out.t)
+    tape.drop(out.t)
+    if x is not x0:
+        tape.drop(x.t)
+    if keep_levels:
+        tape.drop(*(lv.t for lv in levels[:-1]))
+    stride = 1
+    for block in module.blocks:
+        for m in block.modules():
+            if isinstance(m, nn.Conv2d):
+                stride *= m.stride[0]
+    if len(module.deblocks):
+        deblock = next(m for m in module.deblocks[-1].modules()
+                       if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+        up = deblock.stride[0]
+        stride = stride // up if isinstance(deblock, nn.ConvTranspose2d) else stride * up
+    flow.bev = out
+    flow.bev_stride = flow.bev_stride * stride
+    flow.shape_line(f'BACKBONE_2D output: {out.c} x {out.h} x {out.w} (C, H, W)')

@@ -1,25 +1,9 @@
 """DENSE_HEAD ``CenterHead``: CenterPoint's anchor-free BEV head (heatmap per class + box code).
 
-Config keys (OpenPCDet's CenterHead keys; defaults in brackets):
-  CLASS_AGNOSTIC                 read by the detector builder only (as in OpenPCDet)
-  CLASS_NAMES_EACH_HEAD          list of class-name lists, one heatmap head each; names not in
-                                 CLASS_NAMES are dropped (as OpenPCDet), every class of
-                                 CLASS_NAMES must end up in exactly one head
-  SHARED_CONV_CHANNEL            channels of the shared 3x3 conv
-  USE_BIAS_BEFORE_NORM [False]   conv bias before BatchNorm
-  BN_EPS [1e-5], BN_MOM [0.1]    BatchNorm of the head
-  NUM_HM_CONV                    convs of the heatmap tower (last one outputs the classes)
-  SEPARATE_HEAD_CFG.HEAD_ORDER   must be [center, center_z, dim, rot] (the regression code order)
-  SEPARATE_HEAD_CFG.HEAD_DICT    {name: {out_channels, num_conv}}: center 2, center_z 1, dim 3,
-                                 rot 2 (cos, sin); iou / vel heads are not supported
-  TARGET_ASSIGNER_CONFIG         FEATURE_MAP_STRIDE (required, BEV cells per map cell),
-                                 NUM_MAX_OBJS [500], GAUSSIAN_OVERLAP [0.1], MIN_RADIUS [2]
-  LOSS_CONFIG.LOSS_WEIGHTS       cls_weight [1.0], loc_weight [1.0], code_weights [8 x 1.0]
-  POST_PROCESSING                SCORE_THRESH [0.1], POST_CENTER_LIMIT_RANGE [the point cloud
-                                 range], MAX_OBJ_PER_SAMPLE [500] (top-k per head),
-                                 NMS_CONFIG {NMS_TYPE nms_gpu|nms_normal (class-agnostic per head)
-                                 |class_specific_nms, NMS_THRESH [0.2], NMS_PRE_MAXSIZE [1000],
-                                 NMS_POST_MAXSIZE [83]}
+Config keys: ``CONFIG`` below (OpenPCDet's CenterHead keys). CLASS_NAMES_EACH_HEAD names not in
+CLASS_NAMES are dropped (as OpenPCDet), every class of CLASS_NAMES must end up in exactly one
+head; HEAD_ORDER must be [center, center_z, dim, rot] (the regression code order) and iou / vel
+heads are not supported; NMS_TYPE nms_gpu / nms_normal are class-agnostic per head.
 Parameter names match OpenPCDet's CenterHead (shared_conv, heads_list.N.<name>...), so
 state_dicts load across the two. Reads ``spatial_features_2d`` (B, C, H, W) and, in training,
 ``gt_boxes`` (B, M, 8); writes ``final_box_dicts`` (list of B dicts: pred_boxes (K, 7),
@@ -36,11 +20,15 @@ from ..ops.centernet import CODE_SIZE, assign_center_targets, decode_centers, ga
 from ..ops.losses import gaussian_focal_loss
 from ..ops.nms import nms_rotated
 from ..registry import DENSE_HEAD
+from .center_head_memory import center_head_memory
+from ..schema import (REQUIRED, AnyValue, Bool, Choice, Float, Int, Key, ListOf, MapOf, Schema,
+                      Section, Str)
 
 HEAD_ORDER = ('center', 'center_z', 'dim', 'rot')
 HEAD_CHANNELS = {'center': 2, 'center_z': 1, 'dim': 3, 'rot': 2}
 NMS_TYPES = ('nms_gpu', 'nms_normal', 'class_specific_nms')
-HM_INIT_BIAS = -2.19  # CenterPoint's prior: sigmoid(-2.19) ~ 0.1 foreground at the start
+HM_INIT_BIAS = -2.19
+_PREFIX = 'MODEL.DENSE_HEAD'  # CenterPoint's prior: sigmoid(-2.19) ~ 0.1 foreground at the start
 
 
 class SeparateHead(nn.Module):
@@ -69,24 +57,83 @@ class SeparateHead(nn.Module):
         return {name: getattr(self, name)(x) for name in self.names}
 
 
-def _number(cfg, key, field, default, kind=float, lo=None, hi=None, required=False):
-    if key not in cfg or cfg[key] is None:
-        if required:
-            raise ConfigError(f'{field}.{key} is required')
-        return default
-    val = cfg[key]
-    if isinstance(val, bool) or not isinstance(val, (int, float)) or \
-            (kind is int and val != int(val)):
-        raise ConfigError(f'{field}.{key} must be {"an integer" if kind is int else "a number"}'
-                          f', got {val!r}')
-    if (lo is not None and val < lo) or (hi is not None and val > hi):
-        top = 'inf' if hi is None else hi
-        raise ConfigError(f'{field}.{key}={val} must lie in [{lo}, {top}]')
-    return kind(val)
+_HEAD_SPEC = Schema('HEAD_DICT entry', [
+    Key('out_channels', Int(lo=1), REQUIRED, 'values this head regresses'),
+    Key('num_conv', Int(lo=1), 2, 'convs of its tower (the last one outputs)'),
+])
+_NMS = Schema('NMS_CONFIG', [
+    Key('NMS_TYPE', Choice(*NMS_TYPES), 'nms_gpu',
+        'nms_gpu / nms_normal: class-agnostic per head; class_specific_nms: per class (the '
+        'same rotated-box NMS on any device)'),
+    Key('NMS_THRESH', Float(lo=0, hi=1), 0.2, 'BEV IoU above which the lower score is dropped'),
+    Key('NMS_PRE_MAXSIZE', Int(lo=1), 1000, 'boxes kept before NMS'),
+    Key('NMS_POST_MAXSIZE', Int(lo=1), 83, 'boxes kept after NMS'),
+    Key('MULTI_CLASSES_NMS', AnyValue(), None, "OpenPCDet's key (unused)"),
+])
+
+
+def _must_be_off(what):
+    """A Bool that must stay false here (OpenPCDet's iou branch is not implemented)."""
+    class Off(Bool):
+        def check(self, value, path):
+            value = super().check(value, path)
+            if value:
+                raise ConfigError(f"{path}: pcdet_focal's CenterHead has no {what}; remove the "
+                                  "key or use OpenPCDet's CenterHead inside OpenPCDet")
+            return value
+    return Off()
 
 
 @DENSE_HEAD.register()
 class CenterHead(nn.Module):
+    CONFIG = Schema('CenterHead', [
+        Key('CLASS_AGNOSTIC', Bool(), False, 'one class for all (read by the detector builder)'),
+        Key('CLASS_NAMES_EACH_HEAD', ListOf(ListOf(Str(), min_len=1), min_len=1), REQUIRED,
+            'class-name lists, one heatmap head each'),
+        Key('SHARED_CONV_CHANNEL', Int(lo=1), REQUIRED, 'channels of the shared 3x3 conv'),
+        Key('USE_BIAS_BEFORE_NORM', Bool(), False, 'conv bias before BatchNorm'),
+        Key('BN_EPS', Float(lo=0), 1e-5, 'BatchNorm eps of the head'),
+        Key('BN_MOM', Float(lo=0, hi=1), 0.1, 'BatchNorm momentum of the head'),
+        Key('NUM_HM_CONV', Int(lo=1), 2, 'convs of the heatmap tower'),
+        Key('SEPARATE_HEAD_CFG', Section(Schema('SEPARATE_HEAD_CFG', [
+            Key('HEAD_ORDER', ListOf(Str()), list(HEAD_ORDER), 'regression code order'),
+            Key('HEAD_DICT', MapOf(Section(_HEAD_SPEC), 'a mapping head name -> {out_channels, '
+                                   'num_conv}'), REQUIRED,
+                'center 2, center_z 1, dim 3, rot 2 (cos, sin)'),
+        ])), REQUIRED, 'the regression towers'),
+        Key('TARGET_ASSIGNER_CONFIG', Section(Schema('TARGET_ASSIGNER_CONFIG', [
+            Key('FEATURE_MAP_STRIDE', Int(lo=1), REQUIRED,
+                'BEV grid cells per map cell (must equal the real stride)'),
+            Key('NUM_MAX_OBJS', Int(lo=1), 500, 'targets per sample'),
+            Key('GAUSSIAN_OVERLAP', Float(lo=0, hi=1, lo_open=True, hi_open=True), 0.1,
+                'heatmap Gaussian radius from this box overlap'),
+            Key('MIN_RADIUS', Int(lo=0), 2, 'smallest heatmap radius'),
+            Key('DENSE_REG', AnyValue(), None, "OpenPCDet's key (unused)"),
+        ])), REQUIRED, 'heatmap and box targets'),
+        Key('LOSS_CONFIG', Section(Schema('LOSS_CONFIG', [
+            Key('LOSS_WEIGHTS', Section(Schema('LOSS_WEIGHTS', [
+                Key('cls_weight', Float(lo=0), 1.0, 'heatmap loss weight'),
+                Key('loc_weight', Float(lo=0), 1.0, 'box loss weight'),
+                Key('code_weights', ListOf(Float(), length=CODE_SIZE,
+                                           what=f'{CODE_SIZE} numbers (offset x, offset y, z, '
+                                                'log dx, log dy, log dz, cos, sin)'),
+                    [1.0] * CODE_SIZE, 'per box-code weights'),
+            ])), None, 'loss weights'),
+        ])), None, 'losses'),
+        Key('POST_PROCESSING', Section(Schema('POST_PROCESSING', [
+            Key('SCORE_THRESH', Float(lo=0, hi=1), 0.1, 'lowest score kept'),
+            Key('POST_CENTER_LIMIT_RANGE', ListOf(Float(), length=6), None,
+                'box centres kept inside [x_min, y_min, z_min, x_max, y_max, z_max] (default: '
+                'the point cloud range)'),
+            Key('MAX_OBJ_PER_SAMPLE', Int(lo=1), 500, 'top-k per head before NMS'),
+            Key('USE_IOU_TO_RECTIFY_SCORE', _must_be_off('iou head'), False, 'must be false'),
+            Key('IOU_RECTIFIER', AnyValue(), None, "OpenPCDet's key (unused)"),
+            Key('NMS_CONFIG', Section(_NMS), None, 'rotated-box NMS'),
+        ])), None, 'decoding and NMS'),
+        Key('IOU_REG_LOSS', _must_be_off('IoU branch'), False, 'must be false'),
+    ])
+    memory = center_head_memory
+
     def __init__(self, model_cfg, input_channels, num_class, class_names, grid_size,
                  point_cloud_range, predict_boxes_when_training=False, voxel_size=None,
                  **kwargs):
@@ -94,33 +141,30 @@ class CenterHead(nn.Module):
         self.model_cfg = model_cfg
         self.num_class = num_class
         if input_channels is None:
-            raise ConfigError('DENSE_HEAD.CenterHead needs its input channel count '
+            raise ConfigError('MODEL.DENSE_HEAD (CenterHead) needs its input channel count '
                               '(BACKBONE_2D / MAP_TO_BEV num_bev_features)')
         for name, val in (('grid_size', grid_size), ('point_cloud_range', point_cloud_range),
                           ('voxel_size', voxel_size)):
             if val is None or val is False:
-                raise ConfigError(f'DENSE_HEAD.CenterHead needs {name} from the dataset '
+                raise ConfigError(f'MODEL.DENSE_HEAD (CenterHead) needs {name} from the dataset '
                                   '(DATA_CONFIG)')
         self.grid_size = [int(v) for v in grid_size]
         self.point_cloud_range = [float(v) for v in point_cloud_range]
         self.voxel_size = [float(v) for v in voxel_size]
         self.class_names = list(class_names)
         self.predict_boxes_when_training = bool(predict_boxes_when_training)
+        cfg = self.cfg = self.CONFIG.parse(model_cfg, _PREFIX)
         self._parse_classes()
         self._parse_heads()
         self._parse_targets_and_losses()
         self._parse_post_processing()
 
-        bn_eps = _number(model_cfg, 'BN_EPS', 'DENSE_HEAD', 1e-5, lo=0)
-        bn_mom = _number(model_cfg, 'BN_MOM', 'DENSE_HEAD', 0.1, lo=0, hi=1)
-
         def norm(c):
-            return nn.BatchNorm2d(c, eps=bn_eps, momentum=bn_mom)
+            return nn.BatchNorm2d(c, eps=cfg.BN_EPS, momentum=cfg.BN_MOM)
 
-        use_bias = bool(model_cfg.get('USE_BIAS_BEFORE_NORM', False))
-        shared = _number(model_cfg, 'SHARED_CONV_CHANNEL', 'DENSE_HEAD', None, int, lo=1,
-                         required=True)
-        num_hm_conv = _number(model_cfg, 'NUM_HM_CONV', 'DENSE_HEAD', 2, int, lo=1)
+        use_bias = cfg.USE_BIAS_BEFORE_NORM
+        shared = cfg.SHARED_CONV_CHANNEL
+        num_hm_conv = cfg.NUM_HM_CONV
         self.shared_conv = nn.Sequential(
             nn.Conv2d(int(input_channels), shared, 3, padding=1, bias=use_bias), norm(shared),
             nn.ReLU())
@@ -131,13 +175,9 @@ class CenterHead(nn.Module):
             self.heads_list.append(SeparateHead(shared, head_dict, use_bias, norm))
         self.forward_ret_dict = {}
 
-    # ---- config parsing (validated once, at construction) ----
+    # ---- config (checked by CONFIG.parse; the rules between keys here) ----
     def _parse_classes(self):
-        each = self.model_cfg.get('CLASS_NAMES_EACH_HEAD', None)
-        if not isinstance(each, (list, tuple)) or not each or \
-                not all(isinstance(h, (list, tuple)) for h in each):
-            raise ConfigError('DENSE_HEAD.CLASS_NAMES_EACH_HEAD must be a list of class-name '
-                              f"lists, e.g. [['Car', 'Pedestrian', 'Cyclist']]; got {each!r}")
+        each = self.cfg.CLASS_NAMES_EACH_HEAD
         # names a head lists but CLASS_NAMES lacks are dropped, as OpenPCDet does (so one
         # model config serves datasets with fewer classes)
         heads = [[n for n in h if n in self.class_names] for h in each]
@@ -146,107 +186,70 @@ class CenterHead(nn.Module):
         missing = [n for n in self.class_names if n not in seen]
         twice = sorted({n for n in seen if seen.count(n) > 1})
         if empty or missing or twice:
-            raise ConfigError(f'DENSE_HEAD.CLASS_NAMES_EACH_HEAD={[list(h) for h in each]} '
+            raise ConfigError(f'{_PREFIX}.CLASS_NAMES_EACH_HEAD={[list(h) for h in each]} '
                               f'does not split CLASS_NAMES={self.class_names} into heads '
                               f'(missing {missing}, repeated {twice}, empty heads {empty}); '
                               'list every class exactly once')
         self.class_names_each_head = heads
-        # table[h, global 1-based class id] = heatmap channel in head h, or -1
-        table = torch.full((len(heads), len(self.class_names) + 1), -1, dtype=torch.long)
+        # table[h, global 1-based class id] = heatmap channel in head h, or -1 (built on the
+        # CPU whatever the default device: it is bookkeeping, moved with the module)
+        table = torch.full((len(heads), len(self.class_names) + 1), -1, dtype=torch.long,
+                           device='cpu')
         mapping = []
         for h, names in enumerate(heads):
             ids = [self.class_names.index(n) for n in names]
-            table[h, torch.tensor(ids) + 1] = torch.arange(len(ids))
+            table[h, torch.tensor(ids, device='cpu') + 1] = torch.arange(len(ids), device='cpu')
             mapping.append(ids)
         self.register_buffer('class_to_channel', table, persistent=False)
         self.channel_to_class = mapping  # per head: channel -> 0-based index in CLASS_NAMES
 
     def _parse_heads(self):
-        sep = self.model_cfg.get('SEPARATE_HEAD_CFG', None)
-        if not isinstance(sep, dict) or 'HEAD_DICT' not in sep:
-            raise ConfigError('DENSE_HEAD.SEPARATE_HEAD_CFG.HEAD_DICT is required ({center: '
-                              '{out_channels: 2, num_conv: 2}, center_z: 1, dim: 3, rot: 2})')
-        order = list(sep.get('HEAD_ORDER', HEAD_ORDER))
-        if order != list(HEAD_ORDER):
-            raise ConfigError(f'DENSE_HEAD.SEPARATE_HEAD_CFG.HEAD_ORDER={order}: this CenterHead '
-                              f'regresses exactly {list(HEAD_ORDER)} in that order')
-        head_dict = dict(sep['HEAD_DICT'] or {})
-        extra = sorted(set(head_dict) - set(HEAD_ORDER))
+        sep = self.cfg.SEPARATE_HEAD_CFG
+        field = f'{_PREFIX}.SEPARATE_HEAD_CFG'
+        if sep.HEAD_ORDER != list(HEAD_ORDER):
+            raise ConfigError(f'{field}.HEAD_ORDER={sep.HEAD_ORDER}: this CenterHead regresses '
+                              f'exactly {list(HEAD_ORDER)} in that order')
+        extra = sorted(set(sep.HEAD_DICT) - set(HEAD_ORDER))
         if extra:
-            raise ConfigError(f'DENSE_HEAD.SEPARATE_HEAD_CFG.HEAD_DICT has {extra}: pcdet_focal\'s '
-                              f'CenterHead supports only {list(HEAD_ORDER)} (no iou / vel heads); '
-                              "remove them or use OpenPCDet's CenterHead inside OpenPCDet")
+            raise ConfigError(f"{field}.HEAD_DICT has {extra}: pcdet_focal's CenterHead supports "
+                              f'only {list(HEAD_ORDER)} (no iou / vel heads); remove them or use '
+                              "OpenPCDet's CenterHead inside OpenPCDet")
         self.head_dict = {}
         for name in HEAD_ORDER:
-            field = f'DENSE_HEAD.SEPARATE_HEAD_CFG.HEAD_DICT.{name}'
-            spec = head_dict.get(name)
-            if not isinstance(spec, dict):
-                raise ConfigError(f'{field} is required: {{out_channels: '
+            spec = sep.HEAD_DICT.get(name)
+            if spec is None:
+                raise ConfigError(f'{field}.HEAD_DICT.{name} is required: {{out_channels: '
                                   f'{HEAD_CHANNELS[name]}, num_conv: 2}}')
-            out = _number(spec, 'out_channels', field, None, int, required=True)
-            if out != HEAD_CHANNELS[name]:
-                raise ConfigError(f'{field}.out_channels={out} but {name} regresses '
-                                  f'{HEAD_CHANNELS[name]} values; set out_channels: '
-                                  f'{HEAD_CHANNELS[name]}')
-            self.head_dict[name] = {'out_channels': out,
-                                    'num_conv': _number(spec, 'num_conv', field, 2, int, lo=1)}
+            if spec.out_channels != HEAD_CHANNELS[name]:
+                raise ConfigError(f'{field}.HEAD_DICT.{name}.out_channels={spec.out_channels} '
+                                  f'but {name} regresses {HEAD_CHANNELS[name]} values; set '
+                                  f'out_channels: {HEAD_CHANNELS[name]}')
+            self.head_dict[name] = {'out_channels': spec.out_channels,
+                                    'num_conv': spec.num_conv}
 
     def _parse_targets_and_losses(self):
-        field = 'DENSE_HEAD.TARGET_ASSIGNER_CONFIG'
-        tcfg = self.model_cfg.get('TARGET_ASSIGNER_CONFIG', None)
-        if not isinstance(tcfg, dict):
-            raise ConfigError(f'{field} is required (FEATURE_MAP_STRIDE, NUM_MAX_OBJS, '
-                              'GAUSSIAN_OVERLAP, MIN_RADIUS)')
-        self.feature_map_stride = _number(tcfg, 'FEATURE_MAP_STRIDE', field, None, int, lo=1,
-                                          required=True)
-        self.num_max_objs = _number(tcfg, 'NUM_MAX_OBJS', field, 500, int, lo=1)
-        self.gaussian_overlap = _number(tcfg, 'GAUSSIAN_OVERLAP', field, 0.1, lo=0, hi=1)
-        if not 0 < self.gaussian_overlap < 1:
-            raise ConfigError(f'{field}.GAUSSIAN_OVERLAP={self.gaussian_overlap} must lie '
-                              'strictly between 0 and 1 (0.1 is usual)')
-        self.min_radius = _number(tcfg, 'MIN_RADIUS', field, 2, int, lo=0)
-
-        field = 'DENSE_HEAD.LOSS_CONFIG.LOSS_WEIGHTS'
-        weights = (self.model_cfg.get('LOSS_CONFIG', None) or {}).get('LOSS_WEIGHTS', None) or {}
-        self.cls_weight = _number(weights, 'cls_weight', field, 1.0, lo=0)
-        self.loc_weight = _number(weights, 'loc_weight', field, 1.0, lo=0)
-        code = list(weights.get('code_weights', [1.0] * CODE_SIZE))
-        if len(code) != CODE_SIZE or any(isinstance(c, bool) or not isinstance(c, (int, float))
-                                         for c in code):
-            raise ConfigError(f'{field}.code_weights={code}: give {CODE_SIZE} numbers (offset x, '
-                              'offset y, z, log dx, log dy, log dz, cos, sin)')
-        self.register_buffer('code_weights', torch.tensor(code, dtype=torch.float32),
+        tcfg = self.cfg.TARGET_ASSIGNER_CONFIG
+        self.feature_map_stride = tcfg.FEATURE_MAP_STRIDE
+        self.num_max_objs = tcfg.NUM_MAX_OBJS
+        self.gaussian_overlap = tcfg.GAUSSIAN_OVERLAP
+        self.min_radius = tcfg.MIN_RADIUS
+        weights = self.cfg.LOSS_CONFIG.LOSS_WEIGHTS
+        self.cls_weight, self.loc_weight = weights.cls_weight, weights.loc_weight
+        self.register_buffer('code_weights', torch.tensor(weights.code_weights,
+                                                          dtype=torch.float32),
                              persistent=False)
-        for key in ('IOU_REG_LOSS',):
-            if self.model_cfg.get(key, False):
-                raise ConfigError(f'DENSE_HEAD.{key}: pcdet_focal\'s CenterHead has no IoU '
-                                  'branch; remove the key or use OpenPCDet\'s CenterHead')
 
     def _parse_post_processing(self):
-        field = 'DENSE_HEAD.POST_PROCESSING'
-        post = self.model_cfg.get('POST_PROCESSING', None) or {}
-        self.score_thresh = _number(post, 'SCORE_THRESH', field, 0.1, lo=0, hi=1)
-        self.max_obj_per_sample = _number(post, 'MAX_OBJ_PER_SAMPLE', field, 500, int, lo=1)
-        limit = post.get('POST_CENTER_LIMIT_RANGE', None)
-        limit = self.point_cloud_range if limit is None else limit
-        if not isinstance(limit, (list, tuple)) or len(limit) != 6 or \
-                any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in limit):
-            raise ConfigError(f'{field}.POST_CENTER_LIMIT_RANGE={limit}: give 6 numbers '
-                              '[x_min, y_min, z_min, x_max, y_max, z_max]')
-        self.post_center_limit_range = [float(v) for v in limit]
-        if post.get('USE_IOU_TO_RECTIFY_SCORE', False):
-            raise ConfigError(f'{field}.USE_IOU_TO_RECTIFY_SCORE needs an iou head, which '
-                              "pcdet_focal's CenterHead does not have; remove it")
-        nms = post.get('NMS_CONFIG', None) or {}
-        field += '.NMS_CONFIG'
-        self.nms_type = nms.get('NMS_TYPE', 'nms_gpu')
-        if self.nms_type not in NMS_TYPES:
-            raise ConfigError(f'{field}.NMS_TYPE={self.nms_type!r} is not supported; use one of '
-                              f'{", ".join(NMS_TYPES)} (nms_gpu and nms_normal are the same '
-                              'rotated-box NMS here, on any device)')
-        self.nms_thresh = _number(nms, 'NMS_THRESH', field, 0.2, lo=0, hi=1)
-        self.nms_pre_max = _number(nms, 'NMS_PRE_MAXSIZE', field, 1000, int, lo=1)
-        self.nms_post_max = _number(nms, 'NMS_POST_MAXSIZE', field, 83, int, lo=1)
+        post = self.cfg.POST_PROCESSING
+        self.score_thresh = post.SCORE_THRESH
+        self.max_obj_per_sample = post.MAX_OBJ_PER_SAMPLE
+        limit = post.POST_CENTER_LIMIT_RANGE
+        self.post_center_limit_range = list(self.point_cloud_range if limit is None else limit)
+        nms = post.NMS_CONFIG
+        self.nms_type = nms.NMS_TYPE
+        self.nms_thresh = nms.NMS_THRESH
+        self.nms_pre_max = nms.NMS_PRE_MAXSIZE
+        self.nms_post_max = nms.NMS_POST_MAXSIZE
 
     # ---- forward ----
     def expected_map_size(self):
@@ -265,7 +268,7 @@ class CenterHead(nn.Module):
         else:
             real = (f'which no single stride gives (grid/map = {gx / max(width, 1):.3g} in x, '
                     f'{gy / max(height, 1):.3g} in y); check the backbones\' strides')
-        raise InputError(f'DENSE_HEAD.TARGET_ASSIGNER_CONFIG.FEATURE_MAP_STRIDE='
+        raise InputError(f'{_PREFIX}.TARGET_ASSIGNER_CONFIG.FEATURE_MAP_STRIDE='
                          f'{self.feature_map_stride} expects a {exp_h} x {exp_w} (H x W) BEV map '
                          f'for grid_size {self.grid_size} (x, y, z) but spatial_features_2d is '
                          f'{height} x {width}, {real}')

@@ -18,6 +18,8 @@ from torch import nn
 from ..config import cfg_get
 from ..errors import ConfigError, InputError
 from ..registry import DETECTOR, lookup
+from ..schema import AnyValue, Bool, Choice, Float, Key, ListOf, Schema, Section
+from .map_to_bev import backbone_output_shape
 
 # (attribute, config key, registry slot) in OpenPCDet's build order
 MODULE_TOPOLOGY = (
@@ -33,36 +35,36 @@ MODULE_TOPOLOGY = (
 _DATASET_ATTRS = ('class_names', 'grid_size', 'point_cloud_range', 'voxel_size')
 
 
-def check_map_to_bev_channels(cfg, channels, source):
-    """ConfigError when MAP_TO_BEV's config cannot take ``channels`` input channels.
+def check_map_to_bev_channels(module, channels, upstream, source):
+    """The cross-module rule between the 3D backbone and MAP_TO_BEV, on the built modules.
 
-    cfg: MODEL.MAP_TO_BEV; channels: C of the voxel features reaching it; source: what produced
-    them, for the message (e.g. 'BACKBONE_3D (FocalSSTDSVT) output'). Only rules that hold in
-    both hosts for the module NAME are checked (OpenPCDet's HeightCompression and
-    PointPillarScatter3d have the same channel arithmetic as ours).
+    module: the MAP_TO_BEV module; channels: C of the voxel features reaching it; upstream:
+    [x, y, z] grid of those voxels when known; source: what produced them, for the message.
+    Ours and OpenPCDet's HeightCompression / PointPillarScatter3d share this arithmetic.
+    ConfigError naming both sides and the value to set.
     """
-    name = cfg.get('NAME')
-    n_bev = cfg.get('NUM_BEV_FEATURES')
+    name = type(module).__name__
+    n_bev = int(module.num_bev_features)
+    depth = upstream[2] if upstream is not None else None
     if name == 'SparseHeightCompression':
-        mode = str(cfg.get('MODE', 'max')).lower()
-        n_in = cfg.get('INPUT_FEATURES')
-        if mode in ('max', 'mean') and n_bev is not None and n_bev != channels:
-            raise ConfigError(f'MAP_TO_BEV.NUM_BEV_FEATURES={n_bev} but MODE={mode} keeps the '
-                              f'{source} C={channels} channels; set NUM_BEV_FEATURES: '
-                              f'{channels} or MODE: learned')
-        if n_in is not None and n_in != channels:
-            raise ConfigError(f'MAP_TO_BEV.INPUT_FEATURES={n_in} but the {source} has '
-                              f'C={channels} channels; set INPUT_FEATURES: {channels}')
+        if module.in_channels != channels:
+            key = 'INPUT_FEATURES' if module.cfg.INPUT_FEATURES is not None else 'NUM_BEV_FEATURES'
+            fix = f'set {key}: {channels}' if module.mode == 'learned' or key == 'INPUT_FEATURES' \
+                else f'set NUM_BEV_FEATURES: {channels} or MODE: learned'
+            raise ConfigError(f'MODEL.MAP_TO_BEV.{key}={module.in_channels} but MODE='
+                              f'{module.mode} gets the {source} C={channels} channels; {fix}')
     elif name == 'HeightCompression':
-        if n_bev is not None and n_bev % channels:
-            raise ConfigError(f'MAP_TO_BEV.NUM_BEV_FEATURES={n_bev} must be C x D (channels x '
-                              f'height bins) but is not a multiple of the {source} '
-                              f'C={channels}')
+        want = channels * depth if depth is not None else None
+        if (want is not None and n_bev != want) or n_bev % channels:
+            shown = f'C*D = {channels}*{depth} = {want}' if want is not None else \
+                f'a multiple of the {source} C={channels}'
+            raise ConfigError(f'MODEL.MAP_TO_BEV.NUM_BEV_FEATURES={n_bev} but HeightCompression '
+                              f'flattens {shown} channels ({source}); set NUM_BEV_FEATURES: '
+                              f'{want if want is not None else "C x D"}')
     elif name in ('PointPillarScatter3d', 'PointPillarScatter'):
-        shape = cfg.get('INPUT_SHAPE')
-        nz = int(shape[2]) if name == 'PointPillarScatter3d' and shape is not None else 1
-        if n_bev is not None and n_bev != channels * nz:
-            raise ConfigError(f'MAP_TO_BEV.NUM_BEV_FEATURES={n_bev} but {name} stacks the '
+        nz = int(getattr(module, 'nz', 1))
+        if n_bev != channels * nz:
+            raise ConfigError(f'MODEL.MAP_TO_BEV.NUM_BEV_FEATURES={n_bev} but {name} stacks the '
                               f'{source} C={channels} channels over nz={nz} height cells = '
                               f'{channels * nz}; set NUM_BEV_FEATURES: {channels * nz}')
 
@@ -139,12 +141,18 @@ class DetectorTemplate(nn.Module):
         info['backbone_channels'] = getattr(module, 'backbone_channels', None)
         info['point_features_source'] = (f'BACKBONE_3D ({cfg["NAME"]}) output '
                                          '(num_point_features)')
+        # the grid it hands on ('unknown' when the module does not say: MAP_TO_BEV must then
+        # be told, e.g. SparseHeightCompression's NUM_HEIGHT_BINS)
+        info['voxel_grid'] = backbone_output_shape(module, info['grid_size']) or 'unknown'
         return module
 
     def build_map_to_bev_module(self, cfg, key, slot, info):
         source = info.get('point_features_source', 'dataset point features')
-        check_map_to_bev_channels(cfg, int(info['num_point_features']), source)
-        module = self._lookup(cfg, key, slot)(model_cfg=cfg, grid_size=info['grid_size'])
+        upstream = info.get('voxel_grid', [int(v) for v in info['grid_size']])
+        module = self._lookup(cfg, key, slot)(model_cfg=cfg, grid_size=info['grid_size'],
+                                              input_shape=upstream)
+        check_map_to_bev_channels(module, int(info['num_point_features']),
+                                  upstream if upstream != 'unknown' else None, source)
         info['num_bev_features'] = module.num_bev_features
         return module
 
@@ -173,25 +181,52 @@ class DetectorTemplate(nn.Module):
     # OpenPCDet's tools/train.py and tools/test.py call these two on the detector; they are
     # implemented with our checkpoint helpers (weights_only loading, key-mismatch messages).
     def load_params_from_file(self, filename, logger=None, to_cpu=False, pre_trained_path=None):
-        """Load the weights whose names and shapes match (OpenPCDet's non-strict load)."""
+        """Load the weights whose names and shapes match (OpenPCDet's non-strict load).
+
+        Reads our checkpoints and OpenPCDet's (numpy scalars in them included) with
+        weights_only=True; an unreadable file raises CheckpointError with the whole cause.
+        """
         from ..engine.checkpoint import load_checkpoint, load_model_state
-        state = dict(load_checkpoint(filename)['model_state'])
+        ckpt = load_checkpoint(filename)
+        state = dict(ckpt['model_state'])
         if pre_trained_path is not None:
             state.update(load_checkpoint(pre_trained_path)['model_state'])
         loaded = load_model_state(self, state, path=str(filename), strict=False)
         if logger is not None:
-            logger.info('==> loaded %d/%d tensors from %s', loaded, len(self.state_dict()),
-                        filename)
+            logger.info('==> loaded %d/%d tensors from %s (checkpoint version %s)', loaded,
+                        len(self.state_dict()), filename, ckpt.get('version', 'unknown'))
 
     def load_params_with_optimizer(self, filename, to_cpu=False, optimizer=None, logger=None):
-        """Strict load of model (+ optimizer) state to resume; returns (it, epoch)."""
-        from ..engine.checkpoint import load_checkpoint, load_model_state
-        ckpt = load_checkpoint(filename)
-        load_model_state(self, ckpt['model_state'], path=str(filename), strict=True)
-        if optimizer is not None and ckpt.get('optimizer_state') is not None:
-            optimizer.load_state_dict(ckpt['optimizer_state'])
+        """Strict load of model (+ optimizer) state to resume; returns (it, epoch).
+
+        OpenPCDet's train.py calls this inside a bare ``except:`` when it resumes by itself and
+        starts over from epoch 0 when every checkpoint fails. So a failure, besides raising,
+        refuses training (``refuse_training``): later calls (older checkpoints) fail with the
+        same cause and the run stops at its first training step, with nothing trained or saved.
+        """
+        from ..engine.checkpoint import (load_checkpoint, load_model_state,
+                                         load_optimizer_state, refuse_training,
+                                         training_refused)
+        from ..errors import CheckpointError
+        try:
+            if training_refused(self):
+                raise CheckpointError(training_refused(self))
+            ckpt = load_checkpoint(filename)
+            load_model_state(self, ckpt['model_state'], path=str(filename), strict=True)
+        except CheckpointError as err:
+            reason = str(err)
+            if 'training refused' not in reason:
+                reason += ('; training refused: this run\'s checkpoint cannot be resumed and '
+                           'starting over would overwrite the run (move the file away to '
+                           'resume from the one before it, or pass --ckpt)')
+            refuse_training(self, reason)
+            if logger is not None:
+                logger.error('%s', reason)
+            raise CheckpointError(reason) from None
+        load_optimizer_state(optimizer, ckpt.get('optimizer_state'), filename)
         if logger is not None:
-            logger.info('==> resumed from %s', filename)
+            logger.info('==> resumed from %s (epoch %s, it %s, checkpoint version %s)', filename,
+                        ckpt.get('epoch'), ckpt.get('it'), ckpt.get('version', 'unknown'))
         return ckpt.get('it', 0.0), ckpt.get('epoch', -1)
 
     def run_modules(self, batch_dict):
@@ -203,11 +238,38 @@ class DetectorTemplate(nn.Module):
         return batch_dict
 
 
+_MODULE = AnyValue()   # a slot's mapping: its NAME's class declares its keys
+
+DETECTOR_CONFIG = Schema('FocalCenterPoint', [
+    Key('VFE', _MODULE, None, 'voxel feature encoder (e.g. MeanVFE)'),
+    Key('BACKBONE_3D', _MODULE, None, '3D backbone (e.g. FocalSSTDSVT, DSVT)'),
+    Key('MAP_TO_BEV', _MODULE, None, 'sparse 3D -> BEV (e.g. SparseHeightCompression)'),
+    Key('BACKBONE_2D', _MODULE, None, 'BEV backbone (e.g. BaseBEVBackbone)'),
+    Key('DENSE_HEAD', _MODULE, None, 'the detection head (e.g. CenterHead); required'),
+    Key('PFE', _MODULE, None, 'refused: single-stage detector'),
+    Key('POINT_HEAD', _MODULE, None, 'refused: single-stage detector'),
+    Key('ROI_HEAD', _MODULE, None, 'refused: single-stage detector'),
+    Key('POST_PROCESSING', Section(Schema('MODEL.POST_PROCESSING', [
+        Key('RECALL_THRESH_LIST', ListOf(Float(lo=0, hi=1)), None,
+            '3D IoU thresholds of the recall counters in evaluation'),
+        Key('EVAL_METRIC', Choice('kitti'), 'kitti', 'AP protocol (KITTI R40)'),
+        Key('SCORE_THRESH', Float(lo=0, hi=1), None, "OpenPCDet's detector key (unused: the "
+            "head's POST_PROCESSING.SCORE_THRESH applies)"),
+        Key('OUTPUT_RAW_SCORE', Bool(), False, "OpenPCDet's key (unused)"),
+        Key('NMS_CONFIG', AnyValue(), None, "OpenPCDet's detector NMS (unused: the head's "
+            'applies)'),
+    ])), None, 'evaluation options'),
+])
+
+
 @DETECTOR.register()
 class FocalCenterPoint(DetectorTemplate):
     """CenterPoint whose training loss = dense head loss + every other module's get_loss()."""
 
+    CONFIG = DETECTOR_CONFIG
+
     def __init__(self, model_cfg, num_class, dataset):
+        self.CONFIG.parse(model_cfg, 'MODEL')
         super().__init__(model_cfg=model_cfg, num_class=num_class, dataset=dataset)
         if model_cfg.get('DENSE_HEAD') is None:
             raise ConfigError('MODEL.DENSE_HEAD is required for FocalCenterPoint (e.g. NAME: '
@@ -222,6 +284,12 @@ class FocalCenterPoint(DetectorTemplate):
             loss, tb_dict, disp_dict = self.get_training_loss()
             return {'loss': loss}, tb_dict, disp_dict
         return self.post_processing(batch_dict)
+
+    def memory_loss(self, tape, flow):
+        """Memory rule of the loss: the head's loss plus every module's own, summed."""
+        loss = tape.op('loss sum', flow.losses, 1, grad_alias=True)
+        tape.drop(*flow.losses)
+        return loss
 
     def get_training_loss(self):
         loss_rpn, head_tb = self.dense_head.get_loss()

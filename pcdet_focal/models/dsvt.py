@@ -25,7 +25,10 @@ from ..errors import ConfigError, InputError
 from ..ops.dsvt_sets import ceil_shape
 from ..ops.sparse import check_coords, sparse_tensor, to_int_coords
 from ..registry import BACKBONE_3D
+from ..schema import REQUIRED, Bool, Choice, Float, Int, Key, ListOf, Schema, Section, Triple
 from .dsvt_input_layer import DSVTInputLayer
+from .dsvt_memory import dsvt_memory
+from .leaf import LeafMultiheadAttention
 
 _ACTIVATIONS = {'relu': F.relu, 'gelu': F.gelu}
 _REDUCTIONS = ('attention', 'maxpool', 'linear')
@@ -35,104 +38,102 @@ _STAGE_ATTENTION_HEADS = 8  # OpenPCDet's stage reduction attention uses 8 heads
 
 # ----------------------------------------------------------------------------- config
 
-def _ints(value, field, length=None, minimum=None):
-    """A list of ints from a config value, or a ConfigError naming ``field``."""
-    if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ConfigError(f'{field}={value!r} must be a list of integers')
-    if length is not None and len(value) != length:
-        raise ConfigError(f'{field}={list(value)} must have {length} entries')
-    if minimum is not None and any(v < minimum for v in value):
-        raise ConfigError(f'{field}={list(value)}: every entry must be >= {minimum}')
-    return [int(v) for v in value]
+def _stage_ints(lo=1):
+    return ListOf(Int(lo=lo), min_len=1, what=f'one integer >= {lo} per stage')
+
+
+_PAIR = ListOf(Int(lo=1), length=2, what='[set_size, blocks]')
+_SHIFTS = ListOf(Triple(0, '[x, y, z]'), length=2, what='two [x, y, z] shifts')
+
+INPUT_LAYER = Schema('DSVT INPUT_LAYER', [
+    Key('sparse_shape', Triple(1), REQUIRED, 'voxel grid DSVT receives, x y z'),
+    Key('input_downsample', Triple(1), [1, 1, 1],
+        'merge the voxels of each cell of this many voxels per axis before stage 0'),
+    Key('input_reduction', Choice('max', 'mean', 'learned'), 'max',
+        'how merged voxels combine (`learned`: attention from their max, as DSVT pooling)'),
+    Key('downsample_stride', ListOf(Triple(1), what='one [sx, sy, sz] per stage transition'), [],
+        'pooling between stages (stages - 1 entries)'),
+    Key('d_model', _stage_ints(), REQUIRED, 'channels per stage; d_model[0] = input width'),
+    Key('set_info', ListOf(_PAIR, min_len=1, what='one [set_size, blocks] per stage'), REQUIRED,
+        'set size and number of blocks per stage'),
+    Key('window_shape', ListOf(Triple(1), min_len=1, what='one [wx, wy, wz] per stage'),
+        REQUIRED, 'window per stage'),
+    Key('hybrid_factor', Triple(1), [1, 1, 1], 'window of the second shift = window x this'),
+    Key('shifts_list', ListOf(_SHIFTS, min_len=1, what='per stage two [x, y, z] shifts'), None,
+        'window shifts per stage (default: 0, then half the hybrid window)'),
+    Key('normalize_pos', Bool(), False, 'normalise in-window positions to [-1, 1]'),
+])
+
+DSVT_CONFIG = Schema('DSVTDownsample', [
+    Key('INPUT_LAYER', Section(INPUT_LAYER), REQUIRED, 'grid, windows, sets (keys below)'),
+    Key('block_name', ListOf(Choice('DSVTBlock'), min_len=1,
+                             what="one 'DSVTBlock' per stage"), REQUIRED, 'one block type per stage'),
+    Key('set_info', ListOf(_PAIR, min_len=1, what='one [set_size, blocks] per stage'), None,
+        "OpenPCDet's copy of INPUT_LAYER.set_info (must be equal)"),
+    Key('d_model', _stage_ints(), None, "OpenPCDet's copy of INPUT_LAYER.d_model (must be equal)"),
+    Key('nhead', _stage_ints(), REQUIRED, 'attention heads per stage (divides d_model)'),
+    Key('dim_feedforward', _stage_ints(), REQUIRED, 'feed-forward width per stage'),
+    Key('dropout', Float(lo=0, hi=1, hi_open=True), 0.0, 'attention dropout'),
+    Key('activation', Choice(*_ACTIVATIONS), 'relu', 'feed-forward activation'),
+    Key('reduction_type', Choice(*_REDUCTIONS), 'attention', 'pooling between stages'),
+    Key('output_shape', ListOf(Int(lo=1), length=2, what='[ny, nx]'), None,
+        "OpenPCDet's BEV size hint (unused here)"),
+    Key('conv_out_channel', Int(lo=1), None, 'must equal d_model[-1] when given'),
+    Key('USE_CHECKPOINT', Bool(), False,
+        'activation checkpointing per block (less memory, more time)'),
+])
 
 
 def _per_stage(value, field, stage_num, what):
-    if not isinstance(value, (list, tuple)) or len(value) != stage_num:
-        got = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
+    if len(value) != stage_num:
         raise ConfigError(f'{field} must list {what} for each of the {stage_num} stages '
-                          f'(len(block_name)); got {got}')
+                          f'(len(block_name)); got {len(value)}')
     return list(value)
 
 
 class DSVTConfig:
     """Validated DSVT geometry and widths from a model_cfg (OpenPCDet keys + ours)."""
 
-    def __init__(self, model_cfg, input_channels=None, grid_size=None, prefix='BACKBONE_3D'):
+    def __init__(self, model_cfg, input_channels=None, grid_size=None, prefix='MODEL.BACKBONE_3D'):
         p, il = prefix, f'{prefix}.INPUT_LAYER'
-        cfg = model_cfg
-        layer = cfg.get('INPUT_LAYER')
-        if not isinstance(layer, dict):
-            raise ConfigError(f'{il} is required (sparse_shape, window_shape, d_model, set_info, '
-                              '...: OpenPCDet DSVT format)')
-        block_name = cfg.get('block_name')
-        if not isinstance(block_name, (list, tuple)) or not block_name:
-            raise ConfigError(f'{p}.block_name must list one block type per stage, e.g. '
-                              "['DSVTBlock']")
-        for name in block_name:
-            if name != 'DSVTBlock':
-                raise ConfigError(f'{p}.block_name: unknown block {name!r}; only DSVTBlock exists')
-        n = self.stage_num = len(block_name)
-
-        def stage_ints(src, key, field, minimum=1):
-            return _ints(_per_stage(src.get(key), field, n, key), field, n, minimum)
-
-        self.d_model = stage_ints(layer, 'd_model', f'{il}.d_model')
-        set_info = _per_stage(layer.get('set_info'), f'{il}.set_info', n, '[set_size, blocks]')
-        self.set_sizes, self.blocks = [], []
-        for s, pair in enumerate(set_info):
-            size, blocks = _ints(pair, f'{il}.set_info[{s}]', 2, 1)
-            self.set_sizes.append(size)
-            self.blocks.append(blocks)
+        cfg = self.parsed = DSVT_CONFIG.parse(model_cfg, prefix)
+        layer = cfg.INPUT_LAYER
+        n = self.stage_num = len(cfg.block_name)
+        self.d_model = _per_stage(layer.d_model, f'{il}.d_model', n, 'd_model')
+        set_info = _per_stage(layer.set_info, f'{il}.set_info', n, '[set_size, blocks]')
+        self.set_sizes = [size for size, _ in set_info]
+        self.blocks = [blocks for _, blocks in set_info]
         # the top-level copies must agree: OpenPCDet reads block counts from the top level
         # and set sizes / embeddings from INPUT_LAYER, so a mismatch silently breaks it
-        for key, mine in (('d_model', self.d_model), ('set_info', [list(x) for x in set_info])):
-            top = cfg.get(key)
-            if top is not None and [list(x) if isinstance(x, (list, tuple)) else x
-                                    for x in top] != mine:
-                raise ConfigError(f'{p}.{key}={list(top)} differs from {il}.{key}={mine}; '
+        for key, mine in (('d_model', self.d_model), ('set_info', set_info)):
+            if cfg[key] is not None and cfg[key] != mine:
+                raise ConfigError(f'{p}.{key}={cfg[key]} differs from {il}.{key}={mine}; '
                                   'they must be equal')
-        self.nhead = stage_ints(cfg, 'nhead', f'{p}.nhead')
-        self.dim_feedforward = stage_ints(cfg, 'dim_feedforward', f'{p}.dim_feedforward')
+        self.nhead = _per_stage(cfg.nhead, f'{p}.nhead', n, 'nhead')
+        self.dim_feedforward = _per_stage(cfg.dim_feedforward, f'{p}.dim_feedforward', n,
+                                          'dim_feedforward')
         for s in range(n):
             if self.d_model[s] % self.nhead[s]:
                 raise ConfigError(f'{p}.nhead[{s}]={self.nhead[s]} must divide '
                                   f'd_model[{s}]={self.d_model[s]}')
-        self.dropout = float(cfg.get('dropout', 0.0))
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f'{p}.dropout={self.dropout} must be in [0, 1)')
-        self.activation = cfg.get('activation', 'relu')
-        if self.activation not in _ACTIVATIONS:
-            raise ConfigError(f'{p}.activation={self.activation!r}: use one of '
-                              f'{", ".join(_ACTIVATIONS)}')
-        self.reduction_type = cfg.get('reduction_type', 'attention')
-        if self.reduction_type not in _REDUCTIONS:
-            raise ConfigError(f'{p}.reduction_type={self.reduction_type!r}: use one of '
-                              f'{", ".join(_REDUCTIONS)}')
-        self.use_checkpoint = bool(cfg.get('USE_CHECKPOINT', False))
-
-        self.sparse_shape = _ints(layer.get('sparse_shape'), f'{il}.sparse_shape [x, y, z]', 3, 1)
-        self.input_downsample = _ints(layer.get('input_downsample', [1, 1, 1]),
-                                      f'{il}.input_downsample [sx, sy, sz]', 3, 1)
-        self.input_reduction = layer.get('input_reduction', 'max')
-        if self.input_reduction not in _INPUT_REDUCTIONS:
-            raise ConfigError(f'{il}.input_reduction={self.input_reduction!r}: use one of '
-                              f'{", ".join(_INPUT_REDUCTIONS)}')
-        strides = layer.get('downsample_stride', [])
-        if not isinstance(strides, (list, tuple)) or len(strides) != n - 1:
+        self.dropout, self.activation = cfg.dropout, cfg.activation
+        self.reduction_type, self.use_checkpoint = cfg.reduction_type, cfg.USE_CHECKPOINT
+        self.sparse_shape = layer.sparse_shape
+        self.input_downsample = layer.input_downsample
+        self.input_reduction = layer.input_reduction
+        if len(layer.downsample_stride) != n - 1:
             raise ConfigError(f'{il}.downsample_stride must list {n - 1} [sx, sy, sz] strides '
-                              f'(one per stage transition, [] for one stage); got {strides!r}')
-        self.downsample_stride = [_ints(st, f'{il}.downsample_stride[{s}]', 3, 1)
-                                  for s, st in enumerate(strides)]
+                              f'(one per stage transition, [] for one stage); got '
+                              f'{layer.downsample_stride!r}')
+        self.downsample_stride = layer.downsample_stride
         self.stage_shapes = [ceil_shape(self.sparse_shape, self.input_downsample)]
         for st in self.downsample_stride:
             self.stage_shapes.append(ceil_shape(self.stage_shapes[-1], st))
 
-        windows = _per_stage(layer.get('window_shape'), f'{il}.window_shape', n, '[wx, wy, wz]')
-        hybrid = _ints(layer.get('hybrid_factor', [1, 1, 1]), f'{il}.hybrid_factor', 3, 1)
+        windows = _per_stage(layer.window_shape, f'{il}.window_shape', n, '[wx, wy, wz]')
+        hybrid = layer.hybrid_factor
         self.windows = []
         for s, w in enumerate(windows):
-            w = _ints(w, f'{il}.window_shape[{s}]', 3, 1)
             shape = self.stage_shapes[s]
             for axis, name in enumerate('xyz'):
                 if w[axis] > shape[axis]:
@@ -150,17 +151,11 @@ class DSVTConfig:
                         f'{il}.{what} for stage {s} is {win} but the stage\'s sparse shape is '
                         f'{shape}: the window z must be 1 exactly when the stage has one z bin')
             self.windows.append(pair)
-        shifts = layer.get('shifts_list')
+        shifts = layer.shifts_list
         if shifts is None:  # OpenPCDet's fallback: shift 1 moves by half the (hybrid) window
             shifts = [[[0, 0, 0], [v // 2 for v in pair[1]]] for pair in self.windows]
-        shifts = _per_stage(shifts, f'{il}.shifts_list', n, 'two [x, y, z] shifts')
-        self.shifts = []
-        for s, pair in enumerate(shifts):
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise ConfigError(f'{il}.shifts_list[{s}] must hold two [x, y, z] shifts')
-            self.shifts.append([_ints(v, f'{il}.shifts_list[{s}][{i}]', 3, 0)
-                                for i, v in enumerate(pair)])
-        self.normalize_pos = bool(layer.get('normalize_pos', False))
+        self.shifts = _per_stage(shifts, f'{il}.shifts_list', n, 'two [x, y, z] shifts')
+        self.normalize_pos = layer.normalize_pos
 
         for s in range(n - 1):
             if self.reduction_type != 'linear' and self.d_model[s + 1] != self.d_model[s]:
@@ -176,8 +171,8 @@ class DSVTConfig:
                 f'{il}.d_model[0]={self.d_model[0]} but the incoming voxel features have '
                 f'{int(input_channels)} channels; DSVT has no input projection: set d_model[0]: '
                 f'{int(input_channels)} or make the previous module output {self.d_model[0]}')
-        out_ch = cfg.get('conv_out_channel')
-        if out_ch is not None and int(out_ch) != self.d_model[-1]:
+        out_ch = cfg.conv_out_channel
+        if out_ch is not None and out_ch != self.d_model[-1]:
             raise ConfigError(f'{p}.conv_out_channel={out_ch} but the last stage outputs '
                               f'd_model[-1]={self.d_model[-1]} channels; set it to '
                               f'{self.d_model[-1]}')
@@ -210,7 +205,7 @@ class SetAttention(nn.Module):
         super().__init__()
         self.nhead = nhead
         self.d_model = d_model
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = LeafMultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(mlp_dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -294,7 +289,8 @@ class StageReductionAttention(nn.Module):
     def __init__(self, channels, volume):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
-        self.self_attn = nn.MultiheadAttention(channels, _STAGE_ATTENTION_HEADS, batch_first=True)
+        self.self_attn = LeafMultiheadAttention(channels, _STAGE_ATTENTION_HEADS,
+                                                batch_first=True)
         self.pos_embedding = nn.Parameter(torch.zeros(volume, channels))
         nn.init.normal_(self.pos_embedding, std=0.01)
 
@@ -315,11 +311,14 @@ class DSVTDownsample(nn.Module):
 
     Constructor: OpenPCDet's BACKBONE_3D signature; ``input_channels`` (the incoming feature
     width) must equal ``INPUT_LAYER.d_model[0]``. ``field_prefix`` names the config location
-    in error messages (e.g. ``BACKBONE_3D.DSVT`` when nested in another backbone).
+    in error messages (e.g. ``MODEL.BACKBONE_3D.DSVT`` when nested in another backbone).
     """
 
+    CONFIG = DSVT_CONFIG
+    memory = dsvt_memory
+
     def __init__(self, model_cfg, input_channels=None, grid_size=None, voxel_size=None,
-                 point_cloud_range=None, field_prefix='BACKBONE_3D', **kwargs):
+                 point_cloud_range=None, field_prefix='MODEL.BACKBONE_3D', **kwargs):
         super().__init__()
         self.model_cfg = model_cfg
         cfg = self.cfg = DSVTConfig(model_cfg, input_channels, grid_size, field_prefix)

@@ -13,12 +13,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.dsvt_sets import pooling_index, size_equal_sets, window_partition
+from .leaf import LeafMultiheadAttention
 
 # One stage's precomputed layout:
 # coords: (N_s, 4) long [b, z, y, x]; sets: [SetPartition of shift 0, of shift 1];
 # pos_embed: pos_embed[block][i] (N_s, d_model[s]) float, used by encoder layer i of that block;
 # pooling: Pooling to the next stage (None for the last stage).
 StageLayout = namedtuple('StageLayout', ['coords', 'sets', 'pos_embed', 'pooling'])
+# The index work of one stage (no features): coords; parts: [(window ids, coords in window) of
+# shift 0, of shift 1]; sets: [SetPartition of shift 0, of shift 1]; pooling (None: last stage).
+StagePartition = namedtuple('StagePartition', ['coords', 'parts', 'sets', 'pooling'])
 
 # OpenPCDet scales normalised positions by 2 * 3.1415 (not pi); trained weights expect it.
 _NORM_PI = 3.1415
@@ -53,7 +57,7 @@ class AttentionPool(nn.Module):
         super().__init__()
         self.heads = heads
         # holds the q/k/v/out projections (torch's layout); applied by the scatter code below
-        self.self_attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.self_attn = LeafMultiheadAttention(channels, heads, batch_first=True)
         self.pos_embedding = nn.Parameter(torch.zeros(volume, channels))
         nn.init.normal_(self.pos_embedding, std=0.01)
         self.norm = nn.LayerNorm(channels)
@@ -145,13 +149,41 @@ class DSVTInputLayer(nn.Module):
         """
         if not self.merges_input:
             return feats, coords
-        pool = pooling_index(coords, self.sparse_shape, self.input_downsample)
-        m = pool.coords.shape[0]
+        merge = pooling_index(coords, self.sparse_shape, self.input_downsample)
+        return self.reduce_input(feats, merge), merge.coords
+
+    def reduce_input(self, feats, merge):
+        """Combine the (N, C) features of the voxels sharing an ``input_downsample`` cell
+        (``merge``: the Pooling of :meth:`partition`) -> (M, C)."""
+        m = merge.coords.shape[0]
         if self.input_reduction_mode == 'max':
-            return _group_max(feats, pool.group, m), pool.coords
+            return _group_max(feats, merge.group, m)
         if self.input_reduction_mode == 'mean':
-            return _group_mean(feats, pool.group, m), pool.coords
-        return self.input_reduction(feats, pool.group, pool.slot, m), pool.coords
+            return _group_mean(feats, merge.group, m)
+        return self.input_reduction(feats, merge.group, merge.slot, m)
+
+    @torch.no_grad()
+    def partition(self, coords):
+        """The index work of the whole input layer, without features: coords (N, 4) long
+        [b, z, y, x] -> (input merge Pooling or None, [StagePartition per stage]). The memory
+        estimator runs it on real frames to count voxels and sets per stage."""
+        merge = None
+        if self.merges_input:
+            merge = pooling_index(coords, self.sparse_shape, self.input_downsample)
+            coords = merge.coords
+        stages = []
+        for s in range(len(self.stage_shapes)):
+            parts = [window_partition(coords, self.stage_shapes[s], self.windows[s][i],
+                                      self.shifts[s][i]) for i in range(2)]
+            sets = [size_equal_sets(win, ciw, self.windows[s][i], self.set_sizes[s])
+                    for i, (win, ciw) in enumerate(parts)]
+            pooling = None
+            if s + 1 < len(self.stage_shapes):
+                pooling = pooling_index(coords, self.stage_shapes[s], self.downsample_stride[s])
+            stages.append(StagePartition(coords, parts, sets, pooling))
+            if pooling is not None:
+                coords = pooling.coords
+        return merge, stages
 
     def position_input(self, coords_in_win, window):
         """(N, 3) long [z, y, x] in-window coords -> (N, 2 or 3) float [x, y(, z)] centred."""
@@ -168,26 +200,17 @@ class DSVTInputLayer(nn.Module):
 
         Returns (stage-0 features (N0, d_model[0]), [StageLayout per stage]).
         """
-        feats, coords = self.downsample_input(feats, coords)
+        merge, stages = self.partition(coords)
+        if merge is not None:
+            feats = self.reduce_input(feats, merge)
         layouts = []
-        for s in range(len(self.stage_shapes)):
+        for s, stage in enumerate(stages):
             with torch.no_grad():
-                parts = [window_partition(coords, self.stage_shapes[s], self.windows[s][i],
-                                          self.shifts[s][i]) for i in range(2)]
-                sets = [size_equal_sets(win, ciw, self.windows[s][i], self.set_sizes[s])
-                        for i, (win, ciw) in enumerate(parts)]
                 positions = [self.position_input(ciw, self.windows[s][i]).to(feats.dtype)
-                             for i, (_, ciw) in enumerate(parts)]
+                             for i, (_, ciw) in enumerate(stage.parts)]
             # OpenPCDet feeds encoder layer i of every block the embedding of shift i (even in
             # blocks whose sets come from the other shift); trained weights depend on it.
             pos_embed = [[self.posembed_layers[s][b][i](positions[i]) for i in range(2)]
                          for b in range(self.blocks[s])]
-            pooling = None
-            if s + 1 < len(self.stage_shapes):
-                with torch.no_grad():
-                    pooling = pooling_index(coords, self.stage_shapes[s],
-                                            self.downsample_stride[s])
-            layouts.append(StageLayout(coords, sets, pos_embed, pooling))
-            if pooling is not None:
-                coords = pooling.coords
+            layouts.append(StageLayout(stage.coords, stage.sets, pos_embed, stage.pooling))
         return feats, layouts

@@ -27,21 +27,8 @@ The spconv sparse shape is exactly grid_size[::-1] (no OpenPCDet-style +1 in z: 
 exists for the strided convs of its VoxelBackBone8x; every conv here is submanifold, and DSVT's
 sparse_shape equals grid_size).
 
-Config keys (FocalSSTEncoder: at the top level of BACKBONE_3D; FocalSSTDSVT: under
-FOCAL_ENCODER):
-    NUM_FILTERS           [C0, C1, ...] stem width, then one focal block per further entry
-                          (required; output channels = NUM_FILTERS[-1])
-    KERNEL_SIZE           odd >= 3, every conv's kernel; conv_imp outputs KERNEL_SIZE^3 (3)
-    IMPORTANCE_THRESHOLD  in [0, 1]: own and offset importances >= it pass (0.5)
-    TOPK_RATIO            null, or in (0, 1]: the top fraction of each sample's voxels by own
-                          importance spawn instead of the threshold test (null)
-    MAX_NEW_VOXELS_RATIO  null, or >= 0: a block adds at most this many new voxels per input
-                          voxel of a sample, the most important first (1.0: a block at most
-                          doubles the voxel count, which bounds memory; null: no cap)
-    LOSS_WEIGHT           >= 0, weight of the importance loss (1.0)
-    FOCAL_ALPHA           in [0, 1], focal loss positive weight (0.25)
-    FOCAL_GAMMA           >= 0, focal loss focusing exponent (2.0)
-FocalSSTDSVT: FOCAL_ENCODER {the keys above} and DSVT {DSVTDownsample's config};
+Config keys: ``FOCAL_CONFIG`` below (FocalSSTEncoder: at the top level of BACKBONE_3D;
+FocalSSTDSVT: under FOCAL_ENCODER, with DSVT holding a DSVTDownsample config);
 NUM_FILTERS[-1] must equal DSVT.INPUT_LAYER.d_model[0].
 """
 import math
@@ -52,15 +39,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from ..ops.distributed import global_normaliser
 from ..ops.focal_dilation import focal_dilation
 from ..ops.losses import sigmoid_focal_loss
 from ..ops.points_in_boxes import points_in_boxes
-from ..ops.sparse import check_coords, match_spconv_algo, sparse_tensor, to_int_coords
+from ..ops.sparse import (check_coords, match_spconv_algo, sparse_tensor, subm_conv3d,
+                          to_int_coords)
 from ..registry import BACKBONE_3D
+from ..schema import REQUIRED, Float, Int, Key, ListOf, Schema, Section
+from .dsvt import DSVT_CONFIG, DSVTDownsample
+from .focal_sst_memory import encoder_memory, focal_sst_dsvt_memory
+from .leaf import Parameters, saved_as
 
-_DEFAULTS = {'NUM_FILTERS': None, 'KERNEL_SIZE': 3, 'IMPORTANCE_THRESHOLD': 0.5,
-             'TOPK_RATIO': None, 'MAX_NEW_VOXELS_RATIO': 1.0, 'LOSS_WEIGHT': 1.0,
-             'FOCAL_ALPHA': 0.25, 'FOCAL_GAMMA': 2.0}
 # own-importance bias at init: sigmoid(bias) = 0.01 (RetinaNet's prior) so that at the start of
 # training almost no voxel dilates; without it half of all voxels would spawn up to K^3 - 1
 # neighbours each in the first iterations, multiplying the voxel count (and memory)
@@ -69,55 +59,23 @@ _OWN_PRIOR = 0.01
 
 # ----------------------------------------------------------------------------- config
 
-def _number(cfg, key, prefix, lo=None, hi=None, lo_open=False):
-    value = cfg.get(key, _DEFAULTS[key])
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f'{prefix}.{key}={value!r} must be a number')
-    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
-    if bad_lo or (hi is not None and value > hi):
-        span = f'{"(" if lo_open else "["}{lo}, {hi if hi is not None else "inf"}]'
-        raise ConfigError(f'{prefix}.{key}={value} must be in {span}')
-    return float(value)
-
-
-def _positive_ints(value, field, what):
-    if not isinstance(value, (list, tuple)) or not value or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        raise ConfigError(f'{field}={value!r} must be a non-empty list of positive integers '
-                          f'({what})')
-    return [int(v) for v in value]
-
-
-class FocalEncoderConfig:
-    """Validated FocalSSTEncoder keys (see the module docstring) read from one mapping."""
-
-    def __init__(self, cfg, prefix, extra_keys=('NAME',)):
-        if not isinstance(cfg, dict):
-            raise ConfigError(f'{prefix} must be a mapping of the focal encoder keys '
-                              f'({", ".join(_DEFAULTS)}), got {type(cfg).__name__}')
-        unknown = sorted(set(cfg) - set(_DEFAULTS) - set(extra_keys))
-        if unknown:
-            raise ConfigError(f'{prefix}: unknown key(s) {", ".join(unknown)}; known keys: '
-                              f'{", ".join(_DEFAULTS)}')
-        if cfg.get('NUM_FILTERS') is None:
-            raise ConfigError(f'{prefix}.NUM_FILTERS is required, e.g. [32, 64, 128] (stem '
-                              'width, then one focal block per further entry)')
-        self.num_filters = _positive_ints(cfg['NUM_FILTERS'], f'{prefix}.NUM_FILTERS',
-                                          'stem width, then one focal block per entry')
-        k = cfg.get('KERNEL_SIZE', 3)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 3 or k % 2 == 0:
-            raise ConfigError(f'{prefix}.KERNEL_SIZE={k!r} must be an odd integer >= 3')
-        self.kernel_size = k
-        self.threshold = _number(cfg, 'IMPORTANCE_THRESHOLD', prefix, 0, 1)
-        self.topk_ratio = None
-        if cfg.get('TOPK_RATIO') is not None:
-            self.topk_ratio = _number(cfg, 'TOPK_RATIO', prefix, 0, 1, lo_open=True)
-        self.max_new_ratio = None
-        if cfg.get('MAX_NEW_VOXELS_RATIO', _DEFAULTS['MAX_NEW_VOXELS_RATIO']) is not None:
-            self.max_new_ratio = _number(cfg, 'MAX_NEW_VOXELS_RATIO', prefix, 0)
-        self.loss_weight = _number(cfg, 'LOSS_WEIGHT', prefix, 0)
-        self.alpha = _number(cfg, 'FOCAL_ALPHA', prefix, 0, 1)
-        self.gamma = _number(cfg, 'FOCAL_GAMMA', prefix, 0)
+FOCAL_CONFIG = Schema('FocalSSTEncoder', [
+    Key('NUM_FILTERS', ListOf(Int(lo=1), min_len=1), REQUIRED,
+        'stem width, then one focal block per further entry; output channels = the last'),
+    Key('KERNEL_SIZE', Int(lo=3, odd=True), 3,
+        'every conv\'s kernel; the importance head has KERNEL_SIZE^3 outputs (last = the voxel)'),
+    Key('IMPORTANCE_THRESHOLD', Float(lo=0, hi=1), 0.5,
+        'a voxel whose own importance passes it spawns voxels at offsets whose importance '
+        'passes it'),
+    Key('TOPK_RATIO', Float(lo=0, hi=1, lo_open=True), None,
+        'instead of the threshold: the top fraction of each sample\'s voxels spawn'),
+    Key('MAX_NEW_VOXELS_RATIO', Float(lo=0), 1.0,
+        'at most this many new voxels per input voxel, block and sample, most important '
+        'first (bounds memory)', nullable=True),
+    Key('LOSS_WEIGHT', Float(lo=0), 1.0, 'weight of the importance loss'),
+    Key('FOCAL_ALPHA', Float(lo=0, hi=1), 0.25, 'importance focal loss: positive weight'),
+    Key('FOCAL_GAMMA', Float(lo=0), 2.0, 'importance focal loss: focusing exponent'),
+])
 
 
 def _geometry(grid_size, voxel_size, point_cloud_range, module):
@@ -141,19 +99,15 @@ def _geometry(grid_size, voxel_size, point_cloud_range, module):
 
 # ----------------------------------------------------------------------------- modules
 
-def _subm(in_ch, out_ch, k, key):
-    import spconv.pytorch as spconv  # lazy: importing the package must not need spconv
-    return spconv.SubMConv3d(in_ch, out_ch, k, stride=1, padding=k // 2, bias=False,
-                             indice_key=key)
-
-
 def _bn_relu(bn, feats):
     """BatchNorm1d + ReLU on (N, C) voxel features.
 
     Training with fewer than 2 voxels (an empty or near-empty batch) has no batch statistic:
     use the running ones instead of failing (1 voxel) or writing NaNs into them (0 voxels).
+    A synchronised BatchNorm (``--sync_bn``) always runs: its statistics span all ranks, and a
+    rank skipping the collective would leave the others waiting forever.
     """
-    if bn.training and feats.shape[0] < 2:
+    if bn.training and feats.shape[0] < 2 and type(bn) is nn.BatchNorm1d:
         feats = F.batch_norm(feats, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                              False, 0.0, bn.eps)
     else:
@@ -170,14 +124,21 @@ class FocalBlock(nn.Module):
         k3 = kernel_size ** 3
         self.threshold, self.topk_ratio = threshold, topk_ratio
         self.max_new_ratio = max_new_ratio
-        self.conv_imp = _subm(in_ch, k3, kernel_size, f'{key}_imp')
         # the bias lives outside the spconv conv: spconv's CPU kernels reject a fused bias in
-        # inference (no-grad) mode
-        self.imp_bias = nn.Parameter(torch.zeros(k3))
+        # inference (no-grad) mode; on a leaf module: OpenPCDet's adam_onecycle trains leaf
+        # modules' parameters only (first: parameters() keeps its order from before the move)
+        self.imp = Parameters(bias=nn.Parameter(torch.zeros(k3)))
         with torch.no_grad():
             self.imp_bias[-1] = -math.log((1 - _OWN_PRIOR) / _OWN_PRIOR)
-        self.conv = _subm(in_ch, out_ch, kernel_size, key)
+        saved_as(self, {'imp_bias': 'imp.bias'})
+        self.conv_imp = subm_conv3d(in_ch, k3, kernel_size, f'{key}_imp')
+        self.conv = subm_conv3d(in_ch, out_ch, kernel_size, key)
         self.bn = nn.BatchNorm1d(out_ch, eps=1e-3, momentum=0.01)
+
+    @property
+    def imp_bias(self):
+        """(K^3,) bias of the importance logits."""
+        return self.imp.bias
 
     def forward(self, x):
         """x: SparseConvTensor (N voxels, C_in) -> (SparseConvTensor on the union (N + M,
@@ -191,7 +152,9 @@ class FocalBlock(nn.Module):
         union = sparse_tensor(feats, dil.coords, x.spatial_shape, x.batch_size)
         out = self.conv(union)
         out = out.replace_feature(_bn_relu(self.bn, out.features))
-        return out, logits[:, -1], dil
+        # a copy, not the column view: a view would keep the whole (N, K^3) logits alive
+        # until backward through the importance loss, which saves its input
+        return out, logits[:, -1].clone(), dil
 
     @staticmethod
     def _scale_spawn_targets(feats, imp, dil):
@@ -212,16 +175,17 @@ class FocalSSTEncoder(nn.Module):
     """Single-stride focal sparse conv encoder (see the module docstring).
 
     Constructor: OpenPCDet's BACKBONE_3D signature. ``config_prefix`` names the config location
-    in error messages; ``extra_keys`` are keys of ``model_cfg`` that are not the encoder's
-    (NAME at the top level of BACKBONE_3D).
+    in error messages.
     """
 
+    CONFIG = FOCAL_CONFIG
+    memory = encoder_memory
+
     def __init__(self, model_cfg, input_channels, grid_size=None, voxel_size=None,
-                 point_cloud_range=None, config_prefix='BACKBONE_3D', extra_keys=('NAME',),
-                 **kwargs):
+                 point_cloud_range=None, config_prefix='MODEL.BACKBONE_3D', **kwargs):
         super().__init__()
         self.model_cfg = model_cfg
-        cfg = self.cfg = FocalEncoderConfig(model_cfg, config_prefix, extra_keys)
+        cfg = self.cfg = FOCAL_CONFIG.parse(model_cfg, config_prefix)
         name = type(self).__name__
         if isinstance(input_channels, bool) or not isinstance(input_channels, numbers.Integral) \
                 or input_channels <= 0:
@@ -230,15 +194,16 @@ class FocalSSTEncoder(nn.Module):
         grid, vs, pcr = _geometry(grid_size, voxel_size, point_cloud_range, name)
         self.input_channels = int(input_channels)
         self.sparse_shape = grid[::-1]                               # [D, H, W]
+        self.output_sparse_shape = list(grid)                        # [x, y, z]: stride 1
         # plain floats, not buffers: .half() must not round voxel centres at 100 m
         self.voxel_size, self.range_min = vs, pcr[:3]                # x, y, z
 
-        widths, k = cfg.num_filters, cfg.kernel_size
-        self.stem_conv = _subm(input_channels, widths[0], k, 'focal_stem')
+        widths, k = cfg.NUM_FILTERS, cfg.KERNEL_SIZE
+        self.stem_conv = subm_conv3d(input_channels, widths[0], k, 'focal_stem')
         self.stem_bn = nn.BatchNorm1d(widths[0], eps=1e-3, momentum=0.01)
         self.blocks = nn.ModuleList(
-            FocalBlock(widths[i - 1], widths[i], k, cfg.threshold, cfg.topk_ratio, f'focal{i}',
-                       cfg.max_new_ratio)
+            FocalBlock(widths[i - 1], widths[i], k, cfg.IMPORTANCE_THRESHOLD, cfg.TOPK_RATIO,
+                       f'focal{i}', cfg.MAX_NEW_VOXELS_RATIO)
             for i in range(1, len(widths)))
         self.num_point_features = widths[-1]
         self.backbone_channels = None
@@ -284,9 +249,11 @@ class FocalSSTEncoder(nn.Module):
                 targets = self._targets(x.indices, gt_boxes, targets)
             x, own_logits, dil = block(x)
             stats[f'new_voxels_{i}'] = dil.num_new
+            stats[f'spawns_{i}'] = int(dil.spawn_src.numel())
             if gt_boxes is not None:
                 losses.append(sigmoid_focal_loss(own_logits, targets.to(own_logits.dtype),
-                                                 self.cfg.alpha, self.cfg.gamma, 'mean'))
+                                                 self.cfg.FOCAL_ALPHA, self.cfg.FOCAL_GAMMA, 'sum')
+                              / global_normaliser(own_logits.new_tensor(own_logits.numel())))
                 stats[f'foreground_{i}'] = targets  # tensor; turned into a count in get_loss
         stats['voxels_out'] = int(x.indices.shape[0])
         self.last_stats = stats
@@ -340,7 +307,7 @@ class FocalSSTEncoder(nn.Module):
         if self._block_losses is None:
             raise InputError(f'{type(self).__name__}.get_loss() needs a training-mode forward '
                              "with batch_dict['gt_boxes'] first")
-        loss = sum(self._block_losses) * self.cfg.loss_weight
+        loss = sum(self._block_losses) * self.cfg.LOSS_WEIGHT
         for i in range(len(self.blocks)):
             tb_dict[f'focal_imp_loss_{i}'] = self._block_losses[i].item()
             fg = self.last_stats[f'foreground_{i}']
@@ -358,34 +325,35 @@ class FocalSSTDSVT(nn.Module):
     writes what DSVTDownsample writes. num_point_features = DSVT d_model[-1].
     """
 
+    CONFIG = Schema('FocalSSTDSVT', [
+        Key('FOCAL_ENCODER', Section(FOCAL_CONFIG, expand=False), REQUIRED,
+            'the FocalSSTEncoder keys (its table)'),
+        Key('DSVT', Section(DSVT_CONFIG, expand=False), REQUIRED,
+            'a DSVTDownsample config (its table); INPUT_LAYER.d_model[0] = NUM_FILTERS[-1]'),
+    ])
+
+    memory = focal_sst_dsvt_memory
+
     def __init__(self, model_cfg, input_channels, grid_size=None, voxel_size=None,
-                 point_cloud_range=None, **kwargs):
+                 point_cloud_range=None, config_prefix='MODEL.BACKBONE_3D', **kwargs):
         super().__init__()
-        from .dsvt import DSVTDownsample
         self.model_cfg = model_cfg
-        p = 'BACKBONE_3D'
-        unknown = sorted(set(model_cfg) - {'NAME', 'FOCAL_ENCODER', 'DSVT'})
-        if unknown:
-            raise ConfigError(f'{p}: unknown key(s) {", ".join(unknown)} for FocalSSTDSVT; '
-                              'known keys: NAME, FOCAL_ENCODER, DSVT')
-        for key, what in (('FOCAL_ENCODER', 'the FocalSSTEncoder keys'),
-                          ('DSVT', "DSVTDownsample's config")):
-            if not isinstance(model_cfg.get(key), dict):
-                raise ConfigError(f'{p}.{key} is required for FocalSSTDSVT (a mapping of {what})')
-        focal = FocalEncoderConfig(model_cfg['FOCAL_ENCODER'], f'{p}.FOCAL_ENCODER', ())
-        d_model = (model_cfg['DSVT'].get('INPUT_LAYER') or {}).get('d_model')
-        if isinstance(d_model, (list, tuple)) and d_model and d_model[0] != focal.num_filters[-1]:
+        p = config_prefix
+        cfg = self.CONFIG.parse(model_cfg, p)
+        widths, d_model = cfg.FOCAL_ENCODER.NUM_FILTERS, cfg.DSVT.INPUT_LAYER.d_model
+        if d_model[0] != widths[-1]:
             raise ConfigError(
-                f'{p}.FOCAL_ENCODER.NUM_FILTERS[-1]={focal.num_filters[-1]} but '
+                f'{p}.FOCAL_ENCODER.NUM_FILTERS[-1]={widths[-1]} but '
                 f'{p}.DSVT.INPUT_LAYER.d_model[0]={d_model[0]}; DSVT has no input projection, '
                 'so they must be equal')
         self.focal_encoder = FocalSSTEncoder(
             model_cfg['FOCAL_ENCODER'], input_channels, grid_size, voxel_size,
-            point_cloud_range, config_prefix=f'{p}.FOCAL_ENCODER', extra_keys=())
+            point_cloud_range, config_prefix=f'{p}.FOCAL_ENCODER')
         self.dsvt = DSVTDownsample(
-            model_cfg['DSVT'], input_channels=focal.num_filters[-1], grid_size=grid_size,
+            model_cfg['DSVT'], input_channels=widths[-1], grid_size=grid_size,
             voxel_size=voxel_size, point_cloud_range=point_cloud_range,
             field_prefix=f'{p}.DSVT')
+        self.output_sparse_shape = self.dsvt.output_sparse_shape
         self.num_point_features = self.dsvt.num_point_features
         self.backbone_channels = None
 

@@ -10,17 +10,15 @@
 The last two keep OpenPCDet's names, so inside an OpenPCDet checkout OpenPCDet's own classes
 stay in charge (register_into_pcdet never replaces them); ours serve the standalone host.
 
-Config keys (MODEL.MAP_TO_BEV) of SparseHeightCompression:
-    MODE              max | mean | learned (default max)
-    NUM_BEV_FEATURES  output channels; max/mean: must equal the input's C; learned: F
-    INPUT_FEATURES    input channels C (required for learned; optional check for max/mean)
-    NUM_HEIGHT_BINS   learned: D (default ceil(grid_size z / Z_STRIDE))
-    Z_STRIDE          z downsampling before this module (default 1), for the defaults above
-    USE_NORM          learned: BatchNorm2d + ReLU after the projection (default True)
-    INPUT_SHAPE       [nx, ny, nz] grid of voxel_coords (voxel_features input only; default
-                      grid_size with z = ceil(z / Z_STRIDE))
-    FEATURE_STRIDE    spatial_features_stride when encoded_spconv_tensor_stride is absent (1)
+Config keys: each class's ``CONFIG`` declaration (README "Module configuration keys").
+
+The height bins D of the learned projection come from what the 3D backbone really outputs
+(:func:`backbone_output_shape`): our detector passes it as ``input_shape``; under OpenPCDet's
+builder, which hands MAP_TO_BEV only ``grid_size``, it is read from the backbone that builder
+has just built. ``NUM_HEIGHT_BINS`` / ``Z_STRIDE`` state it by hand; a contradiction, or no way
+to know it, is a one-line ConfigError giving the value to set.
 """
+import inspect
 import math
 
 import torch
@@ -30,41 +28,14 @@ from ..errors import ConfigError, InputError
 from ..ops import bev_scatter
 from ..ops.sparse import check_coords, to_int_coords
 from ..registry import MAP_TO_BEV
+from ..schema import REQUIRED, Bool, Choice, Int, Key, Schema, Triple
+from .leaf import Parameters, saved_as
+from .map_to_bev_memory import height_compression_memory, scatter3d_memory, shc_memory
 
-_PREFIX = 'MAP_TO_BEV'
-
-
-def _get(cfg, key, default=None):
-    return cfg.get(key, default) if cfg is not None else default
-
-
-def _pos_int(cfg, key, default=None, required=False, why=''):
-    """A positive int config value (bools refused), ``default`` when absent."""
-    value = _get(cfg, key)
-    if value is None:
-        if required:
-            raise ConfigError(f'{_PREFIX}.{key} is required{why}')
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or int(value) <= 0:
-        raise ConfigError(f'{_PREFIX}.{key}={value!r} must be a positive integer')
-    return int(value)
-
-
-def _shape3(cfg, key):
-    """[nx, ny, nz] of positive ints from the config, or None when absent."""
-    value = _get(cfg, key)
-    if value is None:
-        return None
-    try:
-        dims = [int(v) for v in value]
-        ok = len(dims) == 3 and all(d > 0 and d == v for d, v in zip(dims, value))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ConfigError(f'{_PREFIX}.{key}={value!r} must be three positive integers '
-                          '[nx, ny, nz] (x, y, z order)')
-    return dims
+_PREFIX = 'MODEL.MAP_TO_BEV'
+_FEATURE_STRIDE = Key('FEATURE_STRIDE', Int(lo=1), 1,
+                      'BEV stride written as spatial_features_stride when the 3D backbone does '
+                      'not give encoded_spconv_tensor_stride')
 
 
 def _grid_xyz(grid_size):
@@ -75,6 +46,54 @@ def _grid_xyz(grid_size):
     if len(dims) != 3:
         raise ConfigError(f'grid_size={dims} must have three entries (x, y, z)')
     return dims
+
+
+def _conv_out(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def backbone_output_shape(backbone, grid_size=None):
+    """[x, y, z] of the sparse volume a built 3D backbone hands on, or None when unknown.
+
+    Read from the module itself: ``output_sparse_shape`` (pcdet_focal's backbones),
+    ``input_layer.sparse_shape_list[-1]`` (OpenPCDet's DSVT), or OpenPCDet's spconv backbones'
+    ``sparse_shape`` [z, y, x] pushed through their strided sparse convs in build order.
+    """
+    shape = getattr(backbone, 'output_sparse_shape', None)
+    if shape is not None:
+        return [int(v) for v in shape]
+    stages = getattr(getattr(backbone, 'input_layer', None), 'sparse_shape_list', None)
+    if stages:
+        return [int(v) for v in stages[-1]]
+    zyx = getattr(backbone, 'sparse_shape', None)
+    if zyx is None or len(zyx) != 3:
+        return None
+    zyx = [int(v) for v in zyx]
+    for m in backbone.modules():
+        if hasattr(m, 'subm') and hasattr(m, 'stride') and not m.subm \
+                and not getattr(m, 'inverse', False):
+            zyx = [_conv_out(n, k, s, p, d) for n, k, s, p, d in
+                   zip(zyx, m.kernel_size, m.stride, m.padding, m.dilation)]
+    return zyx[::-1]
+
+
+def _pcdet_builder_backbone():
+    """The 3D backbone OpenPCDet's Detector3DTemplate built just before calling us (its
+    ``build_map_to_bev_module`` passes only grid_size; ``model_info_dict`` holds the modules
+    built so far). None when we are not constructed by that builder."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(6):
+            frame = frame.f_back
+            if frame is None:
+                return None
+            info = frame.f_locals.get('model_info_dict')
+            if isinstance(info, dict) and isinstance(info.get('module_list'), list):
+                built = info['module_list']
+                return built[-1] if built else False
+        return None
+    finally:
+        del frame
 
 
 def _batch_size(batch_dict, module, fallback=None):
@@ -88,10 +107,9 @@ def _batch_size(batch_dict, module, fallback=None):
 
 
 def _feature_stride(batch_dict, cfg):
+    """encoded_spconv_tensor_stride when the backbone wrote it, else FEATURE_STRIDE."""
     stride = batch_dict.get('encoded_spconv_tensor_stride')
-    if stride is None:
-        stride = _pos_int(cfg, 'FEATURE_STRIDE', default=1)
-    return stride
+    return cfg.FEATURE_STRIDE if stride is None else stride
 
 
 def _is_sparse_tensor(obj):
@@ -105,66 +123,136 @@ class SparseHeightCompression(nn.Module):
     Reads ``encoded_spconv_tensor`` (+ ``encoded_spconv_tensor_stride``) when present, else
     ``voxel_features`` (N, C) + ``voxel_coords`` (N, 4) [b, z, y, x] on the INPUT_SHAPE grid.
     Writes ``spatial_features`` (B, NUM_BEV_FEATURES, H, W) contiguous and
-    ``spatial_features_stride``. Config keys: see the module docstring.
+    ``spatial_features_stride``.
+
+    ``input_shape`` [x, y, z]: the grid the 3D backbone outputs, or 'unknown' when that
+    backbone does not say (our detector passes it; see the module docstring for OpenPCDet's
+    builder).
     """
 
-    MODES = ('max', 'mean', 'learned')
+    CONFIG = Schema('SparseHeightCompression', [
+        Key('MODE', Choice('max', 'mean', 'learned', lower=True), 'max',
+            '`max` / `mean` over the occupied voxels of each BEV column, or `learned`: a '
+            'per-height linear projection C x D -> F (dense flatten + 1x1 conv) computed from '
+            'the occupied voxels only'),
+        Key('NUM_BEV_FEATURES', Int(lo=1), None,
+            'output channels; `max` / `mean` keep the input channels C (give C or omit); '
+            '`learned`: F, required'),
+        Key('INPUT_FEATURES', Int(lo=1), None,
+            'input channels C: required for `learned`, a check for `max` / `mean`'),
+        Key('NUM_HEIGHT_BINS', Int(lo=1), None,
+            '`learned`: height bins D of the input; default: what the 3D backbone outputs'),
+        Key('Z_STRIDE', Int(lo=1), None,
+            '`learned` without a known 3D backbone: D = ceil(grid z / Z_STRIDE)'),
+        Key('USE_NORM', Bool(), True, '`learned`: BatchNorm2d + ReLU after the projection'),
+        Key('INPUT_SHAPE', Triple(1, '[nx, ny, nz]'), None,
+            'grid of voxel_coords for voxel_features input (default: the 3D backbone output)'),
+        _FEATURE_STRIDE,
+    ])
+    memory = shc_memory
 
-    def __init__(self, model_cfg, grid_size=None, **kwargs):
+    def __init__(self, model_cfg, grid_size=None, input_shape=None, **kwargs):
         super().__init__()
         self.model_cfg = model_cfg
-        mode = str(_get(model_cfg, 'MODE', 'max')).lower()
-        if mode not in self.MODES:
-            raise ConfigError(f'{_PREFIX}.MODE={_get(model_cfg, "MODE")!r} is unknown; valid '
-                              f'modes: {", ".join(self.MODES)}')
-        self.mode = mode
-        z_stride = _pos_int(model_cfg, 'Z_STRIDE', default=1)
+        cfg = self.cfg = self.CONFIG.parse(model_cfg, _PREFIX)
+        self.mode = cfg.MODE
         grid = _grid_xyz(grid_size)
-        num_bev = _pos_int(model_cfg, 'NUM_BEV_FEATURES')
-        in_c = _pos_int(model_cfg, 'INPUT_FEATURES')
-
-        self.input_shape = _shape3(model_cfg, 'INPUT_SHAPE')  # [nx, ny, nz]
-        if self.input_shape is None and grid is not None:
-            self.input_shape = [grid[0], grid[1], math.ceil(grid[2] / z_stride)]
-
-        if mode in ('max', 'mean'):
-            if num_bev is None and in_c is None:
-                raise ConfigError(f'{_PREFIX}.NUM_BEV_FEATURES is required: MODE={mode} keeps '
-                                  'the input\'s C channels, set NUM_BEV_FEATURES: C')
-            if num_bev is not None and in_c is not None and num_bev != in_c:
-                raise ConfigError(f'{_PREFIX}.NUM_BEV_FEATURES={num_bev} but MODE={mode} keeps '
-                                  f'the input\'s C={in_c} channels (INPUT_FEATURES); set '
-                                  f'NUM_BEV_FEATURES: {in_c} or MODE: learned')
-            self.in_channels = in_c or num_bev
+        upstream = self._upstream_shape(input_shape, grid)   # [x, y, z], None, or 'unknown'
+        if self.mode in ('max', 'mean'):
+            if cfg.NUM_BEV_FEATURES is None and cfg.INPUT_FEATURES is None:
+                raise ConfigError(f'{_PREFIX}.NUM_BEV_FEATURES is required: MODE={self.mode} '
+                                  "keeps the input's C channels, set NUM_BEV_FEATURES: C")
+            if None not in (cfg.NUM_BEV_FEATURES, cfg.INPUT_FEATURES) and \
+                    cfg.NUM_BEV_FEATURES != cfg.INPUT_FEATURES:
+                raise ConfigError(f'{_PREFIX}.NUM_BEV_FEATURES={cfg.NUM_BEV_FEATURES} but MODE='
+                                  f"{self.mode} keeps the input's C={cfg.INPUT_FEATURES} "
+                                  f'channels (INPUT_FEATURES); set NUM_BEV_FEATURES: '
+                                  f'{cfg.INPUT_FEATURES} or MODE: learned')
+            self.in_channels = cfg.INPUT_FEATURES or cfg.NUM_BEV_FEATURES
             self.num_bev_features = self.in_channels
             self.num_height_bins = None
-            return
+            depth = None
+        else:
+            # learned: weight (F, C*D, 1, 1) laid out like Conv2d(C*D, F, 1).weight (c*D + z)
+            for key, what in (('NUM_BEV_FEATURES', 'output channels F'),
+                              ('INPUT_FEATURES', "the 3D backbone's output channels C")):
+                if cfg[key] is None:
+                    raise ConfigError(f'{_PREFIX}.{key} is required for MODE=learned ({what})')
+            depth = self._height_bins(upstream, grid)
+            num_bev, in_c = cfg.NUM_BEV_FEATURES, cfg.INPUT_FEATURES
+            self.in_channels, self.num_height_bins, self.num_bev_features = in_c, depth, num_bev
+            # on a leaf module: OpenPCDet's adam_onecycle trains leaf modules' parameters only
+            self.proj = Parameters(weight=nn.Parameter(torch.empty(num_bev, in_c * depth, 1, 1)))
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # Conv2d's default init
+            saved_as(self, {'weight': 'proj.weight'})
+            # OpenPCDet's BEV BatchNorm settings (eps 1e-3, momentum 0.01)
+            self.norm = nn.Sequential(nn.BatchNorm2d(num_bev, eps=1e-3, momentum=0.01),
+                                      nn.ReLU()) if cfg.USE_NORM else None
+        self.input_shape = self._input_grid(upstream, grid, depth)
 
-        # learned: weight (F, C*D, 1, 1) laid out like Conv2d(C*D, F, 1).weight (channel c*D + z)
-        num_bev = _pos_int(model_cfg, 'NUM_BEV_FEATURES', required=True,
-                           why=' for MODE=learned (output channels F)')
-        in_c = _pos_int(model_cfg, 'INPUT_FEATURES', required=True,
-                        why=' for MODE=learned (the 3D backbone\'s output channels C)')
-        bins = _pos_int(model_cfg, 'NUM_HEIGHT_BINS')
-        if bins is None:
-            if grid is None:
-                raise ConfigError(f'{_PREFIX}.NUM_HEIGHT_BINS is required for MODE=learned when '
-                                  'no grid_size is given (height bins D of the input)')
-            bins = math.ceil(grid[2] / z_stride)
-        if _get(model_cfg, 'INPUT_SHAPE') is not None and self.input_shape[2] != bins:
-            raise ConfigError(f'{_PREFIX}.INPUT_SHAPE nz={self.input_shape[2]} but '
-                              f'NUM_HEIGHT_BINS={bins}; they must agree (height bins D)')
-        if self.input_shape is not None:
-            self.input_shape[2] = bins
-        self.in_channels, self.num_height_bins, self.num_bev_features = in_c, bins, num_bev
-        self.weight = nn.Parameter(torch.empty(num_bev, in_c * bins, 1, 1))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # Conv2d's default init
-        use_norm = _get(model_cfg, 'USE_NORM', True)
-        if not isinstance(use_norm, bool):
-            raise ConfigError(f'{_PREFIX}.USE_NORM={use_norm!r} must be true or false')
-        # OpenPCDet's BEV BatchNorm settings (eps 1e-3, momentum 0.01)
-        self.norm = nn.Sequential(nn.BatchNorm2d(num_bev, eps=1e-3, momentum=0.01),
-                                  nn.ReLU()) if use_norm else None
+    @property
+    def weight(self):
+        """MODE learned: the (F, C*D, 1, 1) projection."""
+        return self.proj.weight
+
+    @staticmethod
+    def _upstream_shape(input_shape, grid):
+        """[x, y, z] reaching this module: given, or read from the backbone OpenPCDet's builder
+        just built ('unknown' when that backbone does not say; the grid itself after a VFE
+        only); None when built outside any builder."""
+        if input_shape == 'unknown':
+            return input_shape
+        if input_shape is not None:
+            return [int(v) for v in input_shape]
+        backbone = _pcdet_builder_backbone()
+        if backbone is None:
+            return None
+        if backbone is False or type(backbone).__name__.endswith('VFE'):
+            return grid
+        return backbone_output_shape(backbone, grid) or 'unknown'
+
+    def _input_grid(self, upstream, grid, depth):
+        """[nx, ny, nz] of voxel_coords input: INPUT_SHAPE, the backbone's output, else the
+        grid (z divided by Z_STRIDE); ``depth``: the learned height bins, when fixed."""
+        cfg = self.cfg
+        if cfg.INPUT_SHAPE is not None:
+            return list(cfg.INPUT_SHAPE)
+        if isinstance(upstream, list):
+            return list(upstream)
+        if grid is None:
+            return None
+        return [grid[0], grid[1], depth or math.ceil(grid[2] / (cfg.Z_STRIDE or 1))]
+
+    def _height_bins(self, upstream, grid):
+        """D of the learned projection (see the module docstring)."""
+        cfg, p = self.cfg, _PREFIX
+        given = cfg.NUM_HEIGHT_BINS
+        if cfg.INPUT_SHAPE is not None:
+            if given is not None and given != cfg.INPUT_SHAPE[2]:
+                raise ConfigError(f'{p}.INPUT_SHAPE nz={cfg.INPUT_SHAPE[2]} but NUM_HEIGHT_BINS='
+                                  f'{given}; they must agree (height bins D)')
+            given = cfg.INPUT_SHAPE[2]
+        from_stride = None
+        if cfg.Z_STRIDE is not None and grid is not None:
+            from_stride = math.ceil(grid[2] / cfg.Z_STRIDE)
+        if isinstance(upstream, list):
+            d = upstream[2]
+            for key, value in (('NUM_HEIGHT_BINS', given), ('Z_STRIDE', from_stride)):
+                if value is not None and value != d:
+                    shown = cfg.NUM_HEIGHT_BINS if key == 'NUM_HEIGHT_BINS' else cfg.Z_STRIDE
+                    raise ConfigError(f'{p}.{key}={shown} gives {value} height bins but the 3D '
+                                      f'backbone outputs {d} (its grid {upstream}, x y z); set '
+                                      f'NUM_HEIGHT_BINS: {d} or remove {key}')
+            return d
+        if given is not None:
+            return given
+        if from_stride is not None:
+            return from_stride
+        if upstream is None and grid is not None:
+            return grid[2]     # built outside a detector: grid_size is the input's grid
+        raise ConfigError(f'{p}.NUM_HEIGHT_BINS is required for MODE=learned here: the 3D '
+                          "backbone does not tell its output height at build time; set "
+                          'NUM_HEIGHT_BINS: D (the z size of its encoded_spconv_tensor)')
 
     def _read_input(self, batch_dict):
         """-> features (N, C), coords (N, 4) int32 [b, z, y, x], (D, H, W), batch_size."""
@@ -211,7 +299,7 @@ class SparseHeightCompression(nn.Module):
                 raise InputError(f'{_PREFIX}.INPUT_FEATURES={self.in_channels} but the input voxel '
                                  f'features have C={C} channels; set INPUT_FEATURES: {C}')
             keys = [k for k in ('NUM_BEV_FEATURES', 'INPUT_FEATURES')
-                    if _get(self.model_cfg, k) is not None]
+                    if self.cfg[k] is not None]
             raise InputError(f'{_PREFIX}.{keys[0]}={self.in_channels} but the input voxel '
                              f'features have C={C} channels and MODE={self.mode} keeps C; set '
                              + ' and '.join(f'{k}: {C}' for k in keys))
@@ -228,7 +316,7 @@ class SparseHeightCompression(nn.Module):
             if self.norm is not None:
                 bev = self.norm(bev)
         batch_dict['spatial_features'] = bev.contiguous()
-        batch_dict['spatial_features_stride'] = _feature_stride(batch_dict, self.model_cfg)
+        batch_dict['spatial_features_stride'] = _feature_stride(batch_dict, self.cfg)
         return batch_dict
 
 
@@ -239,15 +327,20 @@ class HeightCompression(nn.Module):
     Channel ``c * D + z`` (the ``.view`` of the channel-first volume). NUM_BEV_FEATURES must
     equal C*D; checked against the input before anything is densified. Memory: spconv's
     ``.dense()`` holds two [B, C, D, H, W]-sized buffers at its peak.
-    Config keys: NUM_BEV_FEATURES (required), FEATURE_STRIDE (default 1, used when
-    ``encoded_spconv_tensor_stride`` is absent).
     """
+
+    CONFIG = Schema('HeightCompression', [
+        Key('NUM_BEV_FEATURES', Int(lo=1), REQUIRED,
+            'C x D: channels times height bins of the 3D backbone output'),
+        _FEATURE_STRIDE,
+    ])
+    memory = height_compression_memory
 
     def __init__(self, model_cfg, grid_size=None, **kwargs):
         super().__init__()
         self.model_cfg = model_cfg
-        self.num_bev_features = _pos_int(model_cfg, 'NUM_BEV_FEATURES', required=True,
-                                         why=' (= C x D of the 3D backbone output)')
+        self.cfg = self.CONFIG.parse(model_cfg, _PREFIX)
+        self.num_bev_features = self.cfg.NUM_BEV_FEATURES
 
     def forward(self, batch_dict):
         sp = batch_dict.get('encoded_spconv_tensor')
@@ -270,7 +363,7 @@ class HeightCompression(nn.Module):
         dense = sp.dense()  # (B, C, D, H, W)
         B = dense.shape[0]
         batch_dict['spatial_features'] = dense.view(B, C * D, H, W)
-        batch_dict['spatial_features_stride'] = _feature_stride(batch_dict, self.model_cfg)
+        batch_dict['spatial_features_stride'] = _feature_stride(batch_dict, self.cfg)
         return batch_dict
 
 
@@ -280,21 +373,23 @@ class PointPillarScatter3d(nn.Module):
     [b, z, y, x] -> ``spatial_features`` (B, C*nz, ny, nx), channel ``c * nz + z``.
 
     The batch size is ``batch_dict['batch_size']`` (a trailing sample without voxels gets its
-    zero map). Config keys: INPUT_SHAPE [nx, ny, nz] (required), NUM_BEV_FEATURES (= C*nz,
-    required), FEATURE_STRIDE (default 1, written as ``spatial_features_stride`` when
-    ``encoded_spconv_tensor_stride`` is absent).
+    zero map).
     """
+
+    CONFIG = Schema('PointPillarScatter3d', [
+        Key('INPUT_SHAPE', Triple(1, '[nx, ny, nz]'), REQUIRED,
+            'the voxel grid it scatters, x y z'),
+        Key('NUM_BEV_FEATURES', Int(lo=1), REQUIRED, 'C x nz: channels times height cells'),
+        _FEATURE_STRIDE,
+    ])
+    memory = scatter3d_memory
 
     def __init__(self, model_cfg, grid_size=None, **kwargs):
         super().__init__()
         self.model_cfg = model_cfg
-        shape = _shape3(model_cfg, 'INPUT_SHAPE')
-        if shape is None:
-            raise ConfigError(f'{_PREFIX}.INPUT_SHAPE is required for PointPillarScatter3d: '
-                              '[nx, ny, nz] of the voxel grid it scatters')
-        self.nx, self.ny, self.nz = shape
-        self.num_bev_features = _pos_int(model_cfg, 'NUM_BEV_FEATURES', required=True,
-                                         why=' (= C x nz)')
+        self.cfg = self.CONFIG.parse(model_cfg, _PREFIX)
+        self.nx, self.ny, self.nz = self.cfg.INPUT_SHAPE
+        self.num_bev_features = self.cfg.NUM_BEV_FEATURES
         if self.num_bev_features % self.nz:
             raise ConfigError(f'{_PREFIX}.NUM_BEV_FEATURES={self.num_bev_features} must be C x '
                               f'nz but is not a multiple of INPUT_SHAPE nz={self.nz}')
@@ -323,5 +418,5 @@ class PointPillarScatter3d(nn.Module):
         check_coords(coords, [self.nz, self.ny, self.nx], batch_size, 'voxel_coords')
         batch_dict['spatial_features'] = bev_scatter.scatter_height_to_channels(
             features, coords, batch_size, self.nz, self.ny, self.nx)
-        batch_dict['spatial_features_stride'] = _feature_stride(batch_dict, self.model_cfg)
+        batch_dict['spatial_features_stride'] = _feature_stride(batch_dict, self.cfg)
         return batch_dict

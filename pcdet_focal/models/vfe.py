@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..registry import VFE
+from ..schema import Schema
 
 
 @VFE.register()
@@ -18,14 +19,39 @@ class MeanVFE(nn.Module):
     of assumed to be zero, so any voxel generator's padding gives the same mean.
     """
 
+    CONFIG = Schema('MeanVFE', [])
+
     def __init__(self, model_cfg, num_point_features, point_cloud_range=None, voxel_size=None,
                  grid_size=None, **kwargs):
         super().__init__()
         self.model_cfg = model_cfg
+        self.CONFIG.parse(model_cfg, 'MODEL.VFE')
         self.num_point_features = int(num_point_features)
 
     def get_output_feature_dim(self):
         return self.num_point_features
+
+    def memory(self, tape, flow):
+        """Memory rule of the forward below (no parameters, no grad): slot mask, the masked
+        (N, P, C) product and its sum, the normaliser and the mean."""
+        src = flow.sparse                     # the collated voxels (N, P, C)
+        n, c = src.n, self.num_point_features
+        p = src.t.numel // max(1, n * c)
+        count = tape.index(n, 'MeanVFE count.long()')
+        mask = tape.index(n * p, 'MeanVFE slot mask', tape.BOOL)
+        real = tape.tensor(n * p, 'MeanVFE real (N, P)')
+        tape.drop(mask)
+        prod = tape.tensor(n * p * c, 'MeanVFE voxels * real')
+        total = tape.tensor(n * c, 'MeanVFE sum over points')
+        tape.drop(prod, real)
+        clamp = tape.index(n, 'MeanVFE clamp_min(count)')
+        denom = tape.tensor(n, 'MeanVFE normaliser')
+        tape.drop(clamp)
+        mean = tape.tensor(n * c, 'voxel_features (N, C)')
+        tape.drop(total, denom, count)
+        tape.set_batch('voxel_features', mean)
+        flow.sparse = src.like(mean, c)
+        tape.drop(mean)
 
     def forward(self, batch_dict, **kwargs):
         """Reads ``voxels`` (N, P, C) float and ``voxel_num_points`` (N,) int; writes
