@@ -25,6 +25,12 @@ INSTALL_REQUIRES = [
     'easydict>=1.10',
     'tqdm>=4.60',
 ]
+# 'cu12' (the README's install command on a GPU machine): a CUDA 12 torch to pair with
+# spconv-cu121. PyPI's Linux torch wheels are CUDA 12 builds from 2.5 to 2.10 and CUDA 13 from
+# 2.11 on, and spconv has no CUDA 13 build (its last is spconv-cu126). The plain install keeps
+# any torch >= 2.1, so such a torch installed first (CI's CPU build, an OpenPCDet environment's)
+# is never replaced.
+CU12 = ['torch>=2.1,<2.11']
 
 setup(
     name='pcdet-focal',
@@ -36,7 +42,10 @@ setup(
     python_requires='>=3.9',
     packages=find_packages(include=['pcdet_focal', 'pcdet_focal.*']),
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': ['pytest>=7']},
+    # 'plot': the pictures (BEV frames, training curves, estimate_mem.py --plot); without it
+    # each picture is skipped with one log line. The tests check the pictures, so 'test' has it.
+    extras_require={'plot': ['matplotlib>=3.5'], 'test': ['pytest>=7', 'matplotlib>=3.5'],
+                    'cu12': CU12},
     entry_points={'console_scripts': ['pcdet-focal = pcdet_focal.cli:main']},
     license='Apache-2.0',
 )

@@ -49,6 +49,16 @@ def resolve_backend(choice='auto'):
     return 'pcdet'
 
 
+def activate_backend(choice='auto'):
+    """:func:`resolve_backend`, then on the pcdet host our classes go into OpenPCDet's tables:
+    a config naming OpenPCDet's classes is then checked against those, not ours (call before
+    loading the config)."""
+    host = resolve_backend(choice)
+    if host == 'pcdet':
+        register_into_pcdet(verbose=False)
+    return host
+
+
 def build_dataset(dataset_cfg, class_names, training, backend, logger=None):
     """DATA_CONFIG (EasyDict) -> dataset (DatasetTemplate contract, see the interface spec).
 

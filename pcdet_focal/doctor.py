@@ -6,19 +6,26 @@ exits 0 when all is good, 1 with warnings, 2 with a blocking problem. Checks:
 - versions of Python, torch (+ its CUDA and cuDNN), spconv, cumm, numpy, numba, and the devices;
 - known-bad combinations: numpy >= 2 with cumm < 0.7 (the spconv 2.3.6 / cumm 0.4.x wheels:
   SIGFPE in ``tv.from_numpy``; spconv 2.3.8 + cumm 0.7.11 run with numpy 2.4.6), several
-  spconv/cumm builds installed side by side, torch's CUDA major vs spconv's wheel CUDA major;
+  spconv/cumm builds installed side by side, torch's CUDA major vs spconv's wheel CUDA major
+  (fixes name published spconv builds only: none exists for CUDA 13, see SPCONV_BUILDS);
 - cuDNN libraries on ``LD_LIBRARY_PATH`` whose version differs from the cuDNN torch loaded
   (read from ``/proc/self/maps`` of the GPU smoke test) - the "unable to find an engine" trap;
 - temp / torch-extension build folders whose path is not ASCII (CUDA JIT compiles fail there);
 - a smoke test on every device (CPU, each CUDA GPU): conv2d + BatchNorm + pooling and a spconv
   ``SubMConv3d``, forward + backward, each compared with an independent dense computation. It
   runs in a child process so a crash (SIGFPE, segfault) becomes a finding, not the doctor's end;
+- OpenPCDet, when ``pcdet`` is importable (in a child process): its version, which compiled
+  ops are built, the CUDA runtime they link and whether they load with this torch, and whether
+  our registration into its tables works (problems there are warnings: the standalone tools
+  do not need OpenPCDet);
 - ``--scan PATH``: uses of numpy aliases removed in numpy 1.24 / 2.0 (``np.float``, ``np.int``,
   ``np.bool``, ``np.object``, ``np.float_``, ``np.NaN`` ...) as ``file:line``, found on the
   syntax tree (never in strings or comments; ``np.float32`` is fine).
 """
 import argparse
 import ast
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -67,6 +74,34 @@ def cuda_of_wheel(dist_name):
     """'spconv-cu121' -> (12, 1); 'cumm-cu118' -> (11, 8); 'spconv' (CPU build) -> None."""
     m = re.search(r'-cu(\d+)$', dist_name)
     return (int(m.group(1)[:-1]), int(m.group(1)[-1])) if m else None
+
+
+# spconv's published CUDA builds (PyPI, checked for this release): there is none for CUDA 13,
+# and PyPI's Linux torch wheels are CUDA 12 builds from 2.5 to 2.10 (12.4 / 12.6 / 12.8), CUDA 13
+# from 2.11 on. A build runs with a torch of the same CUDA major and a CUDA version not below it.
+SPCONV_BUILDS = ((10, 2), (11, 1), (11, 3), (11, 4), (11, 6), (11, 7), (11, 8), (12, 0), (12, 1),
+                 (12, 4), (12, 6))
+CUDA12_TORCH = '"torch>=2.1,<2.11"'  # PyPI's CUDA 12 builds (a CUDA 13 one has no spconv)
+
+
+def spconv_build_for(torch_cuda):
+    """The published spconv build for torch's CUDA version ('12.8' -> 'spconv-cu126'), or None
+    when there is none (CUDA 13: no spconv build exists)."""
+    want = vtuple(torch_cuda)
+    fits = [b for b in SPCONV_BUILDS if want and b[0] == want[0] and b <= tuple(want[:2])]
+    return f'spconv-cu{fits[-1][0]}{fits[-1][1]}' if fits else None
+
+
+def spconv_fix(torch_cuda, installed=()):
+    """What to run so spconv matches torch's CUDA (``installed``: spconv dists to remove)."""
+    # a CPU torch: the CUDA 12.1 build, which runs on the CPU too (as setup.py installs it)
+    build = spconv_build_for(torch_cuda) if torch_cuda else 'spconv-cu121'
+    if build is None:
+        return (f'no spconv build exists for CUDA {torch_cuda} (the published ones stop at '
+                f'spconv-cu126): install a CUDA 12 torch, pip install {CUDA12_TORCH} (or '
+                'pip install -e ".[cu12]" in the pcdet-focal checkout), with spconv-cu121')
+    remove = f'pip uninstall {" ".join(installed)} && ' if installed else ''
+    return f'{remove}pip install {build}'
 
 
 def installed_dists(prefixes=('spconv', 'cumm')):
@@ -133,8 +168,8 @@ def version_findings(info):
     out = [Finding('INFO', 'python', info['python'])]
     if info.get('torch') is None:
         out.append(Finding('ERROR', 'torch', f'not importable ({info.get("torch_error")})',
-                           'pip install torch (a CUDA 12.1 build: --index-url '
-                           'https://download.pytorch.org/whl/cu121)'))
+                           f'pip install {CUDA12_TORCH} (a CUDA 12 build on Linux, pairs '
+                           'with spconv-cu121)'))
         return out
     cudnn = info.get('cudnn')
     cuda = info['torch_cuda'] or 'none (CPU build)'
@@ -143,10 +178,11 @@ def version_findings(info):
     if info.get('cudnn_error'):
         out.append(Finding('ERROR', 'cudnn', f'torch cannot use its cuDNN: {info["cudnn_error"]}',
                            'put the cuDNN that torch was built with first on the library path '
-                           '(pip install nvidia-cudnn-cu12 matching torch) and remove other '
-                           'cuDNN folders from LD_LIBRARY_PATH'))
-    for prefix, fix in (('spconv', 'pip install spconv-cu121'), ('cumm', 'pip install cumm-cu121 '
-                                                                 '(comes with spconv-cu121)')):
+                           f'(pip install nvidia-cudnn-cu{(vtuple(info["torch_cuda"]) or (12,))[0]}'
+                           ' at the version torch requires) and remove other cuDNN folders from '
+                           'LD_LIBRARY_PATH'))
+    spconv = spconv_fix(info['torch_cuda'])
+    for prefix, fix in (('spconv', spconv), ('cumm', f'{spconv} (brings its cumm)')):
         dists = info.get(prefix, [])
         if not dists:
             out.append(Finding('ERROR', prefix, 'not installed (pcdet_focal\'s sparse modules '
@@ -211,14 +247,12 @@ def combo_findings(info):
             out.append(Finding('WARN', 'spconv', f'{name} {ver} is the CPU-only build but torch '
                                f'uses CUDA {info["torch_cuda"]}: sparse convs cannot run on the '
                                'GPU',
-                               f'pip uninstall {name} && pip install spconv-cu'
-                               f'{torch_cuda[0]}{torch_cuda[1] if len(torch_cuda) > 1 else 0}'))
+                               spconv_fix(info['torch_cuda'], [name])))
         elif torch_cuda and wheel and wheel[0] != torch_cuda[0]:
             out.append(Finding('WARN', 'spconv', f'{name} {ver} is built for CUDA '
                                f'{wheel[0]}.{wheel[1]} but torch for CUDA {info["torch_cuda"]} '
                                '(different major versions: untested, needs a driver for both)',
-                               f'pip uninstall {name} && pip install spconv-cu{torch_cuda[0]}x '
-                               'matching torch (e.g. spconv-cu121 for torch cu121)'))
+                               spconv_fix(info['torch_cuda'], [name])))
         elif torch_cuda is None and wheel is not None:
             out.append(Finding('INFO', 'spconv', f'{name} with a CPU build of torch: sparse convs '
                                'run on the CPU with ConvAlgo.Native'))
@@ -447,19 +481,39 @@ def _crash_fix(info):
     if numpy_v >= (2,) and old_cumm:
         return ('pip install "numpy<2" (1.26.4), or upgrade to spconv-cu121>=2.3.8 with '
                 'cumm-cu121 0.7.11')
-    return ('reinstall one spconv/cumm build that matches torch\'s CUDA (pip uninstall spconv '
-            'cumm; pip install spconv-cu121), then run the doctor again')
+    names = [n for p in ('spconv', 'cumm') for n, _ in info.get(p, [])]
+    return (f'reinstall one spconv build that matches torch\'s CUDA '
+            f'({spconv_fix(info.get("torch_cuda"), names)}), then run the doctor again')
+
+
+def _run_child(code, timeout):
+    """Run ``code`` in a child Python with this package importable; the CompletedProcess, or
+    None when it gave no answer within ``timeout`` s. A crash there is a finding, not ours."""
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([_PKG_PARENT, *filter(None, [env.get('PYTHONPATH')])])
+    try:
+        return subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _how_it_ended(proc):
+    """'was killed by SIGFPE' / 'exited with code 1 (<last stderr line>)'."""
+    if proc.returncode < 0:
+        try:
+            return f'was killed by {signal.Signals(-proc.returncode).name}'
+        except ValueError:
+            return f'was killed by signal {-proc.returncode}'
+    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+    return f'exited with code {proc.returncode} ({tail})'
 
 
 def smoke_test(device, info, timeout=300, code=None):
     """Run the smoke steps on ``device`` in a child process; returns (findings, loaded cuDNN)."""
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([_PKG_PARENT, *filter(None, [env.get('PYTHONPATH')])])
-    cmd = [sys.executable, '-c', (code or SMOKE_CODE).format(device=device)]
     topic = f'smoke {device}'
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    proc = _run_child((code or SMOKE_CODE).format(device=device), timeout)
+    if proc is None:
         return [Finding('ERROR', topic, f'no answer after {timeout} s (hung)',
                         'run the doctor again; if it hangs again, check the GPU driver '
                         '(nvidia-smi)')], []
@@ -478,17 +532,130 @@ def smoke_test(device, info, timeout=300, code=None):
         elif row.startswith('LIBS '):
             libs = json.loads(row[5:])
     if proc.returncode != 0:
-        if proc.returncode < 0:
-            try:
-                how = f'was killed by {signal.Signals(-proc.returncode).name}'
-            except ValueError:
-                how = f'was killed by signal {-proc.returncode}'
-        else:
-            tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
-            how = f'exited with code {proc.returncode} ({tail})'
         step = f' during {started}' if started else ''
-        out.append(Finding('ERROR', topic, f'the smoke test {how}{step}', _crash_fix(info)))
+        out.append(Finding('ERROR', topic, f'the smoke test {_how_it_ended(proc)}{step}',
+                           _crash_fix(info)))
     return out, libs
+
+
+# ----------------------------------------------------------------------------- OpenPCDet
+
+# OpenPCDet's compiled extensions (its setup.py), as paths under pcdet/ops/.
+OPENPCDET_OPS = ('iou3d_nms/iou3d_nms_cuda', 'roiaware_pool3d/roiaware_pool3d_cuda',
+                 'roipoint_pool3d/roipoint_pool3d_cuda',
+                 'pointnet2/pointnet2_stack/pointnet2_stack_cuda',
+                 'pointnet2/pointnet2_batch/pointnet2_batch_cuda', 'bev_pool/bev_pool_ext',
+                 'ingroup_inds/ingroup_inds_cuda')
+_BUILD_OPS = 'in the OpenPCDet checkout: python setup.py develop'
+_CUDART = re.compile(rb'libcudart\.so\.(\d+)')
+OPENPCDET_CODE = 'from pcdet_focal.doctor import _openpcdet_child; _openpcdet_child()'
+
+
+def linked_cuda_major(path):
+    """CUDA runtime major a compiled extension links (its ``libcudart.so.N``), or None."""
+    found = _CUDART.search(Path(path).read_bytes())
+    return int(found.group(1)) if found else None
+
+
+def _ops_findings(pcdet_dir, torch_version, torch_cuda):
+    """Which of OpenPCDet's compiled ops are built, for which CUDA, and whether they load."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+    out, missing, loaded, majors = [], [], [], set()
+    for op in OPENPCDET_OPS:
+        folder, stem = (Path(pcdet_dir) / 'ops' / op).parent, Path(op).name
+        files = [f for suffix in EXTENSION_SUFFIXES for f in folder.glob(stem + suffix)]
+        if not files:
+            missing.append(stem)
+            continue
+        major = linked_cuda_major(files[0])
+        majors.add(major)
+        try:
+            importlib.import_module('pcdet.ops.' + op.replace('/', '.'))
+            loaded.append(stem)
+        except Exception as err:  # noqa: BLE001 - undefined symbol, missing libcudart, ...
+            out.append(Finding('WARN', 'openpcdet', f'{files[0]} is built but does not load '
+                               f'with torch {torch_version} ({type(err).__name__}: {err})',
+                               f'rebuild it for this torch: {_BUILD_OPS}'))
+    torch_major = (vtuple(torch_cuda) or (None,))[0]
+    if missing:
+        out.append(Finding('WARN', 'openpcdet', f'compiled ops not built: {", ".join(missing)} '
+                           '(pcdet.models and pcdet.datasets import them all)',
+                           f'{_BUILD_OPS} (needs nvcc of torch\'s CUDA {torch_cuda or "-"})'))
+    for major in sorted(m for m in majors if m is not None and m != torch_major):
+        out.append(Finding('WARN', 'openpcdet', f'its ops link the CUDA {major} runtime, torch '
+                           f'uses CUDA {torch_cuda or "none (CPU build)"}',
+                           f'rebuild them for this torch: {_BUILD_OPS}'))
+    if loaded:
+        cuda = ', '.join(f'CUDA {m}' for m in sorted(m for m in majors if m)) or 'no CUDA runtime'
+        out.append(Finding('OK', 'openpcdet', f'{len(loaded)} compiled ops load with torch '
+                           f'{torch_version} ({cuda})'))
+    return out
+
+
+def _registration_findings():
+    """Register our classes into OpenPCDet and check every name resolves there."""
+    from .registry import REGISTRIES, PcdetNotAvailable, _import_pcdet_module, register_into_pcdet
+    try:
+        added = register_into_pcdet(verbose=False)
+    except PcdetNotAvailable as err:
+        return [Finding('WARN', 'openpcdet', f'pcdet-focal cannot register into it, so '
+                        f'`pcdet-focal run` and --backend pcdet fail (the standalone tools work): '
+                        f'{err}')]
+    wrong, kept = [], []
+    for slot, reg in REGISTRIES.items():
+        table = _import_pcdet_module(reg.pcdet_module).__all__
+        for name, cls in reg.items():
+            if name not in table:
+                wrong.append(f'{slot} {name}')
+            elif table[name] is not cls:
+                kept.append(name)
+    if wrong:
+        return [Finding('ERROR', 'openpcdet', f'names missing after registration: '
+                        f'{", ".join(wrong)}', 'report this with the doctor\'s output')]
+    names = sum(len(v) for v in added.values())
+    return [Finding('OK', 'openpcdet', f'pcdet-focal registers {names} modules into it'
+                    + (f'; OpenPCDet keeps its own {", ".join(sorted(set(kept)))}' if kept
+                       else ''))]
+
+
+def _openpcdet_child():
+    """Child process: one ``FINDING {json}`` line per finding about OpenPCDet."""
+    def emit(findings):
+        for f in findings:
+            print('FINDING ' + json.dumps(f.__dict__), flush=True)
+
+    import torch
+    try:
+        import pcdet
+    except Exception as err:  # noqa: BLE001 - e.g. pcdet/version.py was never written
+        emit([Finding('WARN', 'openpcdet', f'pcdet is installed but does not import '
+                      f'({type(err).__name__}: {err})', f'{_BUILD_OPS} (it also writes '
+                      'pcdet/version.py)')])
+        return
+    pcdet_dir = Path(pcdet.__file__).parent
+    emit([Finding('INFO', 'openpcdet', f'{getattr(pcdet, "__version__", "version unknown")} at '
+                  f'{pcdet_dir.parent}')])
+    emit(_ops_findings(pcdet_dir, torch.__version__, torch.version.cuda))
+    emit(_registration_findings())
+
+
+def openpcdet_findings(timeout=300, code=None):
+    """OpenPCDet's version, compiled ops and our registration, checked in a child process (a
+    broken extension can crash the interpreter); one INFO line when it is not installed."""
+    if importlib.util.find_spec('pcdet') is None:
+        return [Finding('INFO', 'openpcdet', 'not installed (optional: pcdet-focal runs without '
+                        'it; inside a checkout see the README, "Inside an existing OpenPCDet '
+                        'checkout")')]
+    proc = _run_child(code or OPENPCDET_CODE, timeout)
+    if proc is None:
+        return [Finding('ERROR', 'openpcdet', f'checking it gave no answer after {timeout} s',
+                        'run the doctor again')]
+    out = [Finding(**json.loads(row[8:])) for row in proc.stdout.splitlines()
+           if row.startswith('FINDING ')]
+    if proc.returncode != 0:
+        out.append(Finding('ERROR', 'openpcdet', f'checking it {_how_it_ended(proc)}',
+                           f'rebuild its ops for this torch: {_BUILD_OPS}'))
+    return out
 
 
 # ----------------------------------------------------------------------------- numpy alias scan
@@ -662,6 +829,8 @@ def run_checks(args):
                 loaded = []
         findings += cudnn_findings(info.get('cudnn'), loaded,
                                    os.environ.get('LD_LIBRARY_PATH', ''))
+    if info.get('torch') is not None:
+        findings += openpcdet_findings(timeout=args.timeout)
     for root in args.scan:
         findings += scan_findings(root)
     return findings

@@ -144,7 +144,8 @@ def test_collate_shapes_and_batch_indices():
     # the engine's device transfer accepts it
     from pcdet_focal.engine.utils import load_data_to_device
     moved = load_data_to_device(batch, 'cpu')
-    assert moved['voxel_coords'].dtype == torch.int32 and moved['voxels'].dtype == torch.float32
+    # float32 like every array, as OpenPCDet's load_data_to_gpu converts it
+    assert moved['voxel_coords'].dtype == torch.float32 and moved['voxels'].dtype == torch.float32
 
 
 def test_training_removes_boxes_outside_range():
@@ -181,7 +182,7 @@ def test_config_errors():
         FramesDataset([], cfg=bad)
     bad = data_cfg()
     bad.DATA_PROCESSOR[0]['NAME'] = 'sample_points'
-    with pytest.raises(ConfigError, match="'sample_points' is not a supported"):
+    with pytest.raises(ConfigError, match="'sample_points' is not a known DATA_PROCESSOR step"):
         FramesDataset([], cfg=bad)
     with pytest.raises(ConfigError, match='CLASS_NAMES'):
         FramesDataset([], class_names=[])

@@ -5,7 +5,9 @@ versions and files; the numpy-alias scan runs on source trees written here, with
 file:line list written out by the test; one full doctor run (smoke tests included) on this
 machine.
 """
+import importlib.machinery
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_pcdet import REPO_ROOT, subprocess_env
+from fake_pcdet import REPO_ROOT, broken_pcdet, fake_pcdet, no_pcdet, subprocess_env  # noqa: F401
 from pcdet_focal import doctor
 from pcdet_focal.doctor import (REMOVED, Finding, combo_findings, cudnn_findings, cudnn_tuple,
                                 exit_code, mapped_libraries, scan_findings,
@@ -80,6 +82,7 @@ def test_numpy2_with_old_cumm_is_flagged(numpy, cumm, expected):
     ('11.8', 'spconv-cu121', ['WARN']),
     ('12.1', 'spconv-cu120', []),         # same major
     ('12.4', 'spconv-cu121', []),
+    ('12.8', 'spconv-cu121', []),         # pip install -e '.[cu12]': torch 2.10.0 (CUDA 12.8)
     ('12.1', 'spconv', ['WARN']),         # CPU-only spconv with a CUDA torch
     (None, 'spconv-cu121', ['INFO']),     # CPU torch: Native algo on the CPU
 ])
@@ -382,3 +385,138 @@ def test_doctor_via_console_script(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode in (0, 1), out.stdout + out.stderr
     assert 'numpy:' in out.stdout and out.stdout.splitlines()[-1].startswith('doctor: ')
+
+
+# ----------------------------------------------------------------------------- CUDA pairing
+
+# Checked on PyPI (https://pypi.org/pypi/<name>/json) for this release: spconv's builds stop at
+# CUDA 12.6 (spconv-cu122, -cu125, -cu128, -cu129, -cu130 do not exist), so a CUDA 13 torch
+# has no spconv to pair with.
+PUBLISHED = {'spconv', 'spconv-cu102', 'spconv-cu111', 'spconv-cu113', 'spconv-cu114',
+             'spconv-cu116', 'spconv-cu117', 'spconv-cu118', 'spconv-cu120', 'spconv-cu121',
+             'spconv-cu124', 'spconv-cu126', 'cumm', 'cumm-cu118', 'cumm-cu121', 'cumm-cu126',
+             'nvidia-cudnn-cu11', 'nvidia-cudnn-cu12', 'nvidia-cudnn-cu13'}
+
+
+@pytest.mark.parametrize('torch_cuda, build', [
+    ('12.8', 'spconv-cu126'), ('12.6', 'spconv-cu126'), ('12.5', 'spconv-cu124'),
+    ('12.4', 'spconv-cu124'), ('12.1', 'spconv-cu121'), ('12.0', 'spconv-cu120'),
+    ('11.8', 'spconv-cu118'), ('11.7', 'spconv-cu117'), ('13.0', None), ('13.2', None)])
+def test_spconv_build_for_torchs_cuda(torch_cuda, build):
+    assert doctor.spconv_build_for(torch_cuda) == build
+    assert build is None or build in PUBLISHED
+
+
+def _fixes(torch_cuda, spconv, numpy='2.4.6', cumm=('cumm-cu121', '0.7.11')):
+    found = version_findings(info(torch_cuda=torch_cuda, numpy=numpy, cumm=cumm,
+                                  spconv=spconv))
+    found += combo_findings(info(torch_cuda=torch_cuda, numpy=numpy, cumm=cumm, spconv=spconv))
+    fixes = [f.fix for f in found]
+    return fixes + [doctor._crash_fix(info(torch_cuda=torch_cuda, numpy=numpy, cumm=cumm,
+                                           spconv=spconv))]
+
+
+@pytest.mark.parametrize('torch_cuda', [None, '11.8', '12.1', '12.8', '13.0'])
+@pytest.mark.parametrize('spconv', [None, ('spconv', '2.3.8'), ('spconv-cu118', '2.3.8'),
+                                    ('spconv-cu121', '2.3.8')])
+def test_every_fix_names_packages_that_exist(torch_cuda, spconv):
+    fixes = _fixes(torch_cuda, spconv) + _fixes(torch_cuda, spconv, '2.0.2',
+                                                ('cumm-cu120', '0.4.11'))
+    cudnn = version_findings({**info(torch_cuda=torch_cuda), 'cudnn_error': 'mismatch'})
+    fixes += [f.fix for f in cudnn if f.topic == 'cudnn']
+    named = {m.group(0) for fix in fixes
+             for m in re.finditer(r'\b(?:spconv|cumm|nvidia-cudnn)(?:-cu\w+)?', fix)}
+    assert named <= PUBLISHED, named - PUBLISHED
+    assert not any('spconv-cu13' in fix for fix in fixes)
+
+
+def test_cuda13_torch_with_spconv_cu121_says_install_a_cuda12_torch():
+    """What `pip install -e .` alone gives on a fresh machine: torch 2.14.1+cu130."""
+    found = combo_findings(info(torch_cuda='13.0', spconv=('spconv-cu121', '2.3.8')))
+    assert levels(found, 'spconv') == ['WARN']
+    fix = found[0].fix
+    assert 'no spconv build exists for CUDA 13.0' in fix and '"torch>=2.1,<2.11"' in fix
+    assert '.[cu12]' in fix and 'pip uninstall' not in fix
+
+
+def test_two_spconv_builds_are_warned_about():
+    found = version_findings(info(torch_cuda='12.1', spconv=None) | {
+        'spconv': [('spconv-cu118', '2.3.8'), ('spconv-cu121', '2.3.8')]})
+    dup = [f for f in found if f.topic == 'spconv']
+    assert levels(dup) == ['WARN'] and 'several builds installed' in dup[0].message
+    assert dup[0].fix.startswith('pip uninstall spconv-cu118 spconv-cu121 then install one')
+    assert 'pip install spconv-cu121' in dup[0].fix
+
+
+# ----------------------------------------------------------------------------- OpenPCDet
+
+def test_openpcdet_not_installed_is_one_info_line(no_pcdet):
+    found = doctor.openpcdet_findings()
+    assert levels(found) == ['INFO'] and 'not installed' in found[0].message
+
+
+def test_openpcdet_checked_in_a_checkout(fake_pcdet, monkeypatch):
+    """Version, ops (none built in the fake), registration of every module of ours."""
+    monkeypatch.setenv('PYTHONPATH', str(fake_pcdet))
+    found = doctor.openpcdet_findings()
+    assert [f.level for f in found] == ['INFO', 'WARN', 'OK'], [f.line() for f in found]
+    assert found[0].message.startswith(f'0.6.0+fake at {fake_pcdet}')
+    assert 'compiled ops not built: iou3d_nms_cuda, roiaware_pool3d_cuda' in found[1].message
+    assert 'python setup.py develop' in found[1].fix
+    from pcdet_focal.registry import REGISTRIES
+    ours = sum(len(reg.names()) for reg in REGISTRIES.values())
+    assert 'pcdet-focal registers' in found[2].message
+    assert 'OpenPCDet keeps its own' in found[2].message and 'CenterHead' in found[2].message
+    # an op built for CUDA 11 that does not load with this torch
+    ext = importlib.machinery.EXTENSION_SUFFIXES[0]
+    (fake_pcdet / 'pcdet' / 'ops' / 'iou3d_nms' / f'iou3d_nms_cuda{ext}').write_bytes(
+        b'\x7fELF not really\x00libcudart.so.11.0\x00')
+    found = doctor.openpcdet_findings()
+    bad = [f for f in found if 'does not load' in f.message]
+    assert levels(bad) == ['WARN'] and 'iou3d_nms_cuda' in bad[0].message
+    assert 'is built but does not load with torch' in bad[0].message
+    assert any('link the CUDA 11 runtime' in f.message for f in found)
+    assert ours > 0
+
+
+def test_openpcdet_with_unbuilt_ops_says_registration_fails(broken_pcdet, monkeypatch):
+    monkeypatch.setenv('PYTHONPATH', str(broken_pcdet))
+    found = doctor.openpcdet_findings()
+    reg = [f for f in found if 'cannot register' in f.message]
+    assert levels(reg) == ['WARN'] and 'iou3d_nms_cuda' in reg[0].message
+    assert '`pcdet-focal run` and --backend pcdet fail' in reg[0].message
+
+
+def test_linked_cuda_major(tmp_path):
+    f = tmp_path / 'op.so'
+    f.write_bytes(b'\x7fELF\x00libc10.so\x00libcudart.so.12\x00libtorch.so\x00')
+    assert doctor.linked_cuda_major(f) == 12
+    f.write_bytes(b'\x7fELF\x00libc10.so\x00')
+    assert doctor.linked_cuda_major(f) is None
+
+
+@pytest.mark.skipif(not os.environ.get('PCDET_ROOT'), reason='set PCDET_ROOT to an OpenPCDet '
+                    'checkout to check the doctor against it')
+@pytest.mark.parametrize('stand_ins', [False, True])
+def test_doctor_on_a_real_openpcdet(stand_ins):
+    """Without its ops built: their names and the cause; with tests/pcdet_cpu_ops standing in
+    for them: our registration works."""
+    root = Path(os.environ['PCDET_ROOT']).resolve()
+    env = subprocess_env(root)
+    if stand_ins:
+        env['PYTHONPATH'] = os.pathsep.join([str(REPO_ROOT / 'tests' / 'pcdet_cpu_ops'),
+                                             env['PYTHONPATH']])
+    out = subprocess.run([sys.executable, str(REPO_ROOT / 'tools' / 'check_env.py'),
+                          '--skip-smoke'], env=env, capture_output=True, text=True, timeout=900)
+    lines = [l for l in out.stdout.splitlines() if ' openpcdet: ' in l]
+    assert lines and lines[0].startswith('INFO  openpcdet: 0.6.0+') and str(root) in lines[0]
+    built = list((root / 'pcdet' / 'ops').rglob('*_cuda*.so'))
+    if not built:
+        assert any(l.startswith('WARN  openpcdet: compiled ops not built: iou3d_nms_cuda')
+                   for l in lines), lines
+    registered = [l for l in lines if 'registers' in l or 'cannot register' in l]
+    assert len(registered) == 1
+    if stand_ins or built:
+        assert registered[0].startswith('OK    openpcdet: pcdet-focal registers'), lines
+    else:
+        assert registered[0].startswith('WARN  openpcdet: pcdet-focal cannot register'), lines

@@ -7,24 +7,49 @@ import sys
 import numpy as np
 import torch
 
-# batch_dict keys that stay as they are (strings, metadata) when moved to a device.
-_KEEP_KEYS = {'frame_id', 'metadata', 'calib', 'image_shape', 'batch_size', 'use_lead_xyz'}
-_INT_KEYS = {'voxel_coords', 'voxel_num_points'}
+# OpenPCDet's load_data_to_gpu (pcdet/models/__init__.py), key by key: these stay as they are.
+_KEEP_KEYS = {'frame_id', 'metadata', 'calib', 'image_paths', 'ori_shape', 'img_process_infos'}
 
 
 def load_data_to_device(batch_dict, device):
-    """numpy arrays in ``batch_dict`` -> tensors on ``device`` (in place; returns it).
+    """numpy arrays in ``batch_dict`` -> tensors on ``device`` (in place; returns it), key by key
+    as OpenPCDet's ``load_data_to_gpu``, so its datasets and modules get the types they expect:
 
-    ``voxel_coords`` / ``voxel_num_points`` become int32 (spconv indices), every other numeric
-    array float32 (OpenPCDet's convention), strings and metadata are kept.
+    - ``camera_imgs`` (a tensor already) moves to ``device``;
+    - ``frame_id``, ``metadata``, ``calib``, ``image_paths``, ``ori_shape``,
+      ``img_process_infos`` and every value that is not a numpy array (``batch_size``, lists)
+      stay as they are;
+    - ``images`` (B, H, W, C) -> float32 (B, C, H, W), contiguous (kornia's image_to_tensor);
+    - ``image_shape`` -> int32 (OpenPCDet's ``generate_prediction_dicts`` calls ``.cpu()`` on it);
+    - every other array -> float32: ``voxel_coords`` [b, z, y, x] and ``voxel_num_points``
+      too (our modules take float coordinates; see ops.sparse.to_int_coords).
+
+    Unlike OpenPCDet's, any ``device`` (not only CUDA), and string / object arrays stay numpy
+    (``torch.from_numpy`` would raise on them).
     """
     for key, val in batch_dict.items():
-        if key in _KEEP_KEYS or not isinstance(val, np.ndarray) or val.dtype.kind in 'USO':
+        if key == 'camera_imgs' and torch.is_tensor(val):
+            batch_dict[key] = val.to(device)
+        elif (key in _KEEP_KEYS or not isinstance(val, np.ndarray)
+              or val.dtype.kind in 'USO'):
             continue
-        dtype = torch.int32 if key in _INT_KEYS else torch.float32
-        batch_dict[key] = torch.from_numpy(np.ascontiguousarray(val)).to(device=device,
-                                                                         dtype=dtype)
+        elif key == 'images':
+            batch_dict[key] = _image_to_tensor(val).float().to(device).contiguous()
+        elif key == 'image_shape':
+            batch_dict[key] = torch.from_numpy(np.ascontiguousarray(val)).int().to(device)
+        else:
+            batch_dict[key] = torch.from_numpy(np.ascontiguousarray(val)).float().to(device)
     return batch_dict
+
+
+def _image_to_tensor(image):
+    """numpy (H, W), (H, W, C) or (B, H, W, C) -> tensor (1, H, W), (C, H, W), (B, C, H, W)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image))
+    if tensor.dim() == 2:
+        return tensor.unsqueeze(0)
+    if tensor.dim() == 3:
+        return tensor.permute(2, 0, 1)
+    return tensor.permute(0, 3, 1, 2)
 
 
 def set_random_seed(seed):
