@@ -25,7 +25,7 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_cfg(args)
+    cfg = load_cfg(args, training=False)
     from pcdet_focal.engine.tester import test
     test(cfg, args)
     return 0

@@ -3,8 +3,9 @@
 
 OpenPCDet's flags (--cfg_file, --batch_size, --epochs, --workers, --extra_tag, --ckpt,
 --pretrained_model, --launcher, --sync_bn, --fix_random_seed, --set ...) plus the pre-launch
-memory check (--skip_mem_check), --max_steps, --device and --backend. Multi-GPU:
-``torchrun --nproc_per_node=4 tools/train.py --launcher pytorch --cfg ...``.
+memory check (--skip_mem_check), --max_steps, --device and --backend. Many GPUs or machines:
+``bash tools/scripts/dist_train.sh 4 --cfg ...`` (torchrun) or ``slurm_train.sh`` (srun);
+README.md, "Many GPUs, many machines". ``--batch_size`` is the total over all processes.
 """
 import argparse
 import dataclasses

@@ -14,7 +14,15 @@ from .utils import create_logger, describe_device
 def test(cfg, args):
     """Evaluate ``args.ckpt`` on the test split of ``cfg``; returns the AP dict (rank 0)."""
     device = pick_device(args.device)
-    rank, world_size, _ = dist_utils.init_distributed(args.launcher, device.type)
+    rank, world_size, _ = dist_utils.init_distributed(args.launcher, device.type,
+                                                      getattr(args, 'tcp_port', None))
+    try:
+        return _test(cfg, args, device, rank, world_size)
+    finally:
+        dist_utils.cleanup()
+
+
+def _test(cfg, args, device, rank, world_size):
     ckpt_path = Path(args.ckpt)
     ckpt = load_checkpoint(ckpt_path)  # fail fast, before building anything
     result_dir = run_dir_for(cfg, args) / 'eval' / ckpt_path.stem
@@ -26,14 +34,15 @@ def test(cfg, args):
     model = backends.build_network(cfg.MODEL, len(cfg.CLASS_NAMES), test_set, backend)
     load_model_state(model, ckpt['model_state'], path=str(ckpt_path), strict=True)
     model.to(device)
-    batch_size = args.batch_size or cfg.OPTIMIZATION.get('BATCH_SIZE_PER_GPU', 1)
+    batch_size = dist_utils.per_process_batch(args.batch_size, world_size,
+                                              cfg.OPTIMIZATION.get('BATCH_SIZE_PER_GPU', 1))
     loader = build_eval_loader(test_set, batch_size, args.workers, rank, world_size)
     result_str, result_dict = evaluate_model(model, loader, device, cfg.CLASS_NAMES, result_dir,
                                              save_to_file=args.save_to_file,
-                                             progress=args.progress)
+                                             progress=args.progress,
+                                             bev_frames=args.bev_frames)
     if result_str is not None:
         logger.info('checkpoint %s (epoch %s) on %d frames:\n%s', ckpt_path,
                     ckpt.get('epoch', '?'), len(test_set), result_str)
         logger.info('saved %s', result_dir / 'result.txt')
-    dist_utils.cleanup()
     return result_dict

@@ -3,7 +3,8 @@
 One run lives in ``<output_dir>/<cfg stem>/<extra_tag>/``: ``ckpt/checkpoint_epoch_N.pth``
 (atomic writes), ``log_train_<time>.txt``, ``metrics.jsonl`` (one JSON line per epoch and per
 evaluation), a copy of the merged config, ``eval/epoch_N/result.{txt,json}`` and
-``tensorboard/`` when the tensorboard package is installed.
+``tensorboard/`` when the tensorboard package is installed; with matplotlib also
+``curves.png`` (loss and AP) and ``eval/epoch_N/bev_<frame_id>.png`` (``bev_frames`` frames).
 
 Resume: ``--ckpt`` or, without it, the newest readable checkpoint of the run folder. Model,
 optimizer, LR schedule, AMP scaler, epoch, step and RNG states are restored; a run stopped at
@@ -25,12 +26,15 @@ import tqdm
 from .. import backend as backends
 from ..config import REPO_ROOT, dump_config
 from ..errors import ConfigError, PcdetFocalError
+from ..viz import DEFAULT_BEV_FRAMES, best_effort
+from ..viz.curves import draw_curves
 from . import dist as dist_utils
 from .checkpoint import (build_checkpoint, find_latest_checkpoint, load_checkpoint,
-                         load_model_state, prune_checkpoints, save_checkpoint, unwrap)
+                         load_model_state, load_optimizer_state, prune_checkpoints,
+                         restore_scheduler, save_checkpoint, unwrap)
 from .dataloader import build_eval_loader, build_train_loader
 from .evaluator import evaluate_model
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, optimizer_step
 from .utils import (create_logger, describe_device, get_rng_state, load_data_to_device,
                     set_random_seed, set_rng_state)
 
@@ -52,6 +56,7 @@ class TrainOptions:
     ckpt: str = None
     pretrained_model: str = None
     launcher: str = 'none'
+    tcp_port: int = None
     sync_bn: bool = False
     fix_random_seed: bool = False
     seed: int = DEFAULT_SEED
@@ -67,6 +72,7 @@ class TrainOptions:
     eval_batch_size: int = None
     logger_iter_interval: int = 50
     progress: bool = True
+    bev_frames: int = DEFAULT_BEV_FRAMES
 
 
 class _StopFlag:
@@ -108,17 +114,18 @@ def pick_device(requested=None):
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
-def _memory_check(cfg, batch_size, amp, device, logger):
-    """Refuse configs the estimator rejects (exit 2), before anything is allocated."""
-    try:
-        from ..memory import check_fits
-    except ImportError:
-        logger.info('memory estimator not available: skipping the pre-launch check')
+def _memory_check(cfg, batch_size, amp, device, backend, world_size, logger):
+    """Refuse configs the estimator does not pass (exit 2), before anything is allocated: a
+    REJECT, a count without a bound, or a model it has no memory rule for. Only on CUDA:
+    the CPU has no fixed budget to check against."""
+    if device.type != 'cuda':
+        logger.info('memory check: skipped on the CPU (no VRAM budget; tools/estimate_mem.py '
+                    'estimates for a GPU)')
         return
-    vram = None
-    if device.type == 'cuda':
-        vram = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    verdict = check_fits(cfg, batch_size=batch_size, vram_gib=vram, amp=amp)
+    from ..memory import check_fits
+    vram = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    verdict = check_fits(cfg, batch_size=batch_size, vram_gib=vram, amp=amp, host=backend,
+                         world_size=world_size)
     logger.info('memory estimate: %s', verdict.summary())
     if not verdict.fits:
         raise MemoryCheckFailed(verdict.summary())
@@ -147,13 +154,27 @@ def _make_tensorboard(run_dir, logger):
 
 
 def train(cfg, opts):
-    """Train (and evaluate) per ``cfg`` and ``opts``; returns the final AP dict (rank 0)."""
+    """Train (and evaluate) per ``cfg`` and ``opts``; returns the final AP dict (rank 0).
+
+    Under torch.distributed (``opts.launcher`` pytorch or slurm) every process runs this; the
+    process group it creates is destroyed on the way out, error or not.
+    """
     device = pick_device(opts.device)
-    rank, world_size, _ = dist_utils.init_distributed(opts.launcher, device.type)
+    owns_group = not dist_utils.is_distributed()
+    rank, world_size, _ = dist_utils.init_distributed(opts.launcher, device.type, opts.tcp_port)
+    try:
+        return _train(cfg, opts, device, rank, world_size)
+    finally:
+        if owns_group:
+            dist_utils.cleanup()
+
+
+def _train(cfg, opts, device, rank, world_size):
     if device.type == 'cuda' and world_size > 1:
         device = torch.device('cuda', torch.cuda.current_device())
     opt_cfg = cfg.OPTIMIZATION
-    batch_size = opts.batch_size if opts.batch_size is not None else opt_cfg.BATCH_SIZE_PER_GPU
+    batch_size = dist_utils.per_process_batch(opts.batch_size, world_size,
+                                              opt_cfg.BATCH_SIZE_PER_GPU)
     epochs = opts.epochs if opts.epochs is not None else opt_cfg.NUM_EPOCHS
     if int(batch_size) < 1:
         raise ConfigError(f'--batch_size must be >= 1, got {batch_size}')
@@ -178,24 +199,25 @@ def train(cfg, opts):
     iter_log.setLevel(logging.INFO)
 
     logger.info('device: %s%s', describe_device(device),
-                f', {world_size} processes' if world_size > 1 else '')
+                f', {world_size} processes ({torch.distributed.get_backend()})'
+                if dist_utils.is_distributed() else '')
     logger.info('run folder: %s', run_dir)
     if rank == 0:
         dump_config(cfg, run_dir / Path(cfg.CFG_FILE).name)
     seed = opts.seed if opts.fix_random_seed else int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    seed = dist_utils.broadcast_object(seed)  # one data order and augmentation for all ranks
     set_random_seed(seed + rank)
 
-    if not opts.skip_mem_check and rank == 0:
-        _memory_check(cfg, int(batch_size), amp, device, logger)
-
     backend = backends.resolve_backend(opts.backend)
+    if not opts.skip_mem_check and rank == 0:
+        _memory_check(cfg, int(batch_size), amp, device, backend, world_size, logger)
     logger.info('backend: %s', backend)
     train_set = backends.build_dataset(cfg.DATA_CONFIG, cfg.CLASS_NAMES, True, backend, logger)
     loader, sampler = build_train_loader(train_set, int(batch_size), opts.workers, rank,
                                          world_size, seed)
     model = backends.build_network(cfg.MODEL, len(cfg.CLASS_NAMES), train_set, backend)
     if opts.sync_bn and world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = dist_utils.convert_sync_batchnorm(model, device.type)  # CPU (gloo) too
     model.to(device)
     optimizer = build_optimizer(model, opt_cfg)
     steps_per_epoch = math.ceil(len(loader) / accum)
@@ -210,9 +232,8 @@ def train(cfg, opts):
                     start_epoch, epochs, ckpt_dir)
         return None
     if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None,
-            find_unused_parameters=bool(opt_cfg.get('FIND_UNUSED_PARAMETERS', False)))
+        model = dist_utils.wrap_ddp(model, device,
+                                    bool(opt_cfg.get('FIND_UNUSED_PARAMETERS', False)))
 
     n_params = sum(p.numel() for p in model.parameters())
     logger.info('model %s: %.2f M parameters; %d frames, batch %d x %d process(es), '
@@ -231,7 +252,8 @@ def train(cfg, opts):
                 model, loader, optimizer, scheduler, scaler, device, amp, accum, epoch,
                 int(epochs), step, epoch_it, opt_cfg, stop, opts, writer, iter_log, rank)
             epoch_it = 0
-            interrupted = stop.signum is not None
+            signum = dist_utils.sync_step(0.0, stop.signum)[1]  # the same answer on all ranks
+            interrupted = signum is not None
             limit_hit = opts.max_steps is not None and step >= opts.max_steps
             finished = done_it >= len(loader)
             dropped = getattr(train_set, 'num_dropped_points', 0)
@@ -259,7 +281,7 @@ def train(cfg, opts):
                 logger.info('saved %s', path)
             dist_utils.barrier()
             if interrupted:
-                raise TrainingInterrupted(f'stopped by signal {stop.signum}; the checkpoint in '
+                raise TrainingInterrupted(f'stopped by signal {signum}; the checkpoint in '
                                           f'{ckpt_dir} resumes this run (same command)')
             if limit_hit:
                 logger.info('--max_steps %d reached', opts.max_steps)
@@ -273,20 +295,34 @@ def train(cfg, opts):
                         and step < total_steps):
         logger.info('skipping the final evaluation (%s)',
                     '--no_eval' if opts.no_eval else 'stopped by --max_steps')
+        _draw_curves(run_dir, rank, logger)
         return None
-    return final_evaluation(cfg, unwrap(model), device, run_dir, backend, logger,
-                            batch_size=opts.eval_batch_size or int(batch_size),
-                            workers=opts.workers, epoch=epoch + 1, progress=opts.progress)
+    result = final_evaluation(cfg, unwrap(model), device, run_dir, backend, logger,
+                              batch_size=opts.eval_batch_size or int(batch_size),
+                              workers=opts.workers, epoch=epoch + 1, progress=opts.progress,
+                              bev_frames=opts.bev_frames)
+    _draw_curves(run_dir, rank, logger)
+    return result
+
+
+def _draw_curves(run_dir, rank, logger):
+    """``curves.png``: loss and AP of the run's metrics.jsonl (rank 0, never fatal)."""
+    if rank == 0:
+        path = best_effort('training curves picture', draw_curves, run_dir / 'metrics.jsonl',
+                           run_dir / 'curves.png', title=str(run_dir))
+        if path is not None:
+            logger.info('saved %s', path)
 
 
 def final_evaluation(cfg, model, device, run_dir, backend, logger, batch_size, workers, epoch,
-                     progress=True, save_to_file=False):
+                     progress=True, save_to_file=False, bev_frames=DEFAULT_BEV_FRAMES):
     test_set = backends.build_dataset(cfg.DATA_CONFIG, cfg.CLASS_NAMES, False, backend, logger)
     loader = build_eval_loader(test_set, batch_size, workers, dist_utils.get_rank(),
                                dist_utils.get_world_size())
     result_dir = Path(run_dir) / 'eval' / f'epoch_{epoch}'
     result_str, result_dict = evaluate_model(model, loader, device, cfg.CLASS_NAMES, result_dir,
-                                             save_to_file=save_to_file, progress=progress)
+                                             save_to_file=save_to_file, progress=progress,
+                                             bev_frames=bev_frames)
     if result_str is not None:
         logger.info('evaluation on %d frames (%s split), epoch %d:\n%s', len(test_set),
                     getattr(test_set, 'mode', 'test'), epoch, result_str)
@@ -310,7 +346,12 @@ def _check_ranks_in_sync(model, logger):
 
 
 def _resume(opts, ckpt_dir, model, optimizer, scheduler, scaler, logger):
-    """Restore from --ckpt or the run folder's newest checkpoint; returns (epoch, step, it)."""
+    """Restore from --ckpt or the run folder's newest checkpoint; returns (epoch, step, it).
+
+    A checkpoint that cannot be loaded stops the run (CheckpointError): never a fresh start
+    over the run's own checkpoints. OpenPCDet's checkpoints resume too (no schedule or RNG
+    states in them: the schedule is moved to the saved step).
+    """
     if opts.ckpt:
         path, ckpt = Path(opts.ckpt), load_checkpoint(opts.ckpt)
     else:
@@ -321,15 +362,12 @@ def _resume(opts, ckpt_dir, model, optimizer, scheduler, scaler, logger):
                              path=opts.pretrained_model, strict=False)
         return 0, 0, 0
     load_model_state(model, ckpt['model_state'], path=str(path), strict=True)
-    if ckpt.get('optimizer_state') is not None:
-        optimizer.load_state_dict(ckpt['optimizer_state'])
-    if ckpt.get('scheduler_state') is not None:
-        scheduler.load_state_dict(ckpt['scheduler_state'])
+    epoch, step, epoch_it = (int(ckpt.get(key) or 0) for key in ('epoch', 'it', 'epoch_it'))
+    load_optimizer_state(optimizer, ckpt.get('optimizer_state'), path)
+    restore_scheduler(scheduler, ckpt.get('scheduler_state'), step)
     if ckpt.get('scaler_state'):
         scaler.load_state_dict(ckpt['scaler_state'])
     set_rng_state(ckpt.get('rng_state'))
-    epoch, step, epoch_it = int(ckpt.get('epoch', 0)), int(ckpt.get('it', 0)), \
-        int(ckpt.get('epoch_it', 0))
     logger.info('resumed from %s (epoch %d%s, step %d)', path, epoch,
                 f' + {epoch_it} batches' if epoch_it else '', step)
     return epoch, step, epoch_it
@@ -355,11 +393,13 @@ def _train_one_epoch(model, loader, optimizer, scheduler, scaler, device, amp, a
             loss = ret_dict['loss'].mean()
         done += 1
         last_of_group = (done - start_it) % accum == 0 or done == n
-        if not torch.isfinite(loss):
+        # under DDP: the global loss for the logs; skip and stop at the same step on all ranks
+        step_loss, signum = dist_utils.sync_step(loss.item(), stop.signum)
+        if not math.isfinite(step_loss):
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
             iter_log.warning('epoch %d it %d: non-finite loss %s, step skipped', epoch + 1,
-                             done, loss.item())
+                             done, step_loss)
             if skipped >= 20:
                 raise PcdetFocalError('20 non-finite losses in one epoch: lower '
                                       'OPTIMIZATION.LR or check the data for NaN/inf values')
@@ -368,30 +408,26 @@ def _train_one_epoch(model, loader, optimizer, scheduler, scaler, device, amp, a
             loss_sum += loss.item()
             loss_count += 1
         if last_of_group:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(model, optimizer, scaler, clip)
             if step + 1 < getattr(scheduler, 'total_steps', float('inf')):
                 scheduler.step()  # OneCycleLR refuses to step past its last step
             step += 1
             lr = optimizer.param_groups[0]['lr']
             if writer is not None:
-                writer.add_scalar('train/loss', loss.item(), step)
+                writer.add_scalar('train/loss', step_loss, step)
                 writer.add_scalar('meta_data/learning_rate', lr, step)
                 for key, val in tb_dict.items():
                     writer.add_scalar(f'train/{key}', float(val), step)
             if step % opts.logger_iter_interval == 0:
                 iter_log.info('epoch %d it %d/%d step %d: loss %.4f lr %.2e grad_norm %.2f %s',
-                              epoch + 1, done, n, step, loss.item(), lr, float(grad_norm),
+                              epoch + 1, done, n, step, step_loss, lr, float(grad_norm),
                               ' '.join(f'{k} {float(v):.4f}' for k, v in tb_dict.items()))
-            bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.1e}', refresh=False)
+            bar.set_postfix(loss=f'{step_loss:.3f}', lr=f'{lr:.1e}', refresh=False)
             if opts.max_steps is not None and step >= opts.max_steps:
                 bar.update()
                 break
         bar.update()
-        if stop.signum is not None and last_of_group:
+        if signum is not None and last_of_group:
             break
     bar.close()
     mean_loss = dist_utils.all_reduce_mean(loss_sum / max(1, loss_count))

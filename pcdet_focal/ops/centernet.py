@@ -15,6 +15,8 @@ so target assignment costs a few small tensor ops per step on the CPU.
 """
 import torch
 
+from .distributed import global_normaliser
+
 CODE_SIZE = 8  # offset (2) + z (1) + log-size (3) + (cos, sin) heading (2)
 
 
@@ -152,11 +154,12 @@ def reg_l1_loss(pred, target, mask):
     """Masked L1 per code dimension, normalised by the number of assigned objects.
 
     pred, target: (B, K, D) float; mask: (B, K) bool. Returns (D,): the sum over assigned
-    objects of |pred - target| divided by max(1, number of assigned objects).
+    objects of |pred - target| divided by max(1, number of assigned objects), counted over all
+    ranks under torch.distributed (a collective: see ops.distributed).
     """
     weight = mask.to(pred.dtype)[..., None]
     loss = (torch.abs(pred - target) * weight).sum(dim=(0, 1))
-    return loss / torch.clamp_min(weight.sum(), 1.0)
+    return loss / global_normaliser(weight.sum())  # objects of all ranks under DDP
 
 
 def decode_centers(heatmap, center, center_z, dim, rot, point_cloud_range, voxel_size,

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from .distributed import global_normaliser
 
 _REDUCTIONS = ('none', 'mean', 'sum')
 
@@ -59,6 +60,9 @@ def gaussian_focal_loss(pred_sigmoid, gt_heatmap, alpha=2.0, beta=4.0, eps=1e-4)
         neg (gt < 1):   -(1 - gt)^beta * p^alpha * log(1 - p)
         loss = (sum pos + sum neg) / max(#positives, 1)
 
+    Under torch.distributed #positives is counted over all ranks (see ops.distributed): a
+    collective, called by every rank.
+
     ``p`` is clamped to [eps, 1 - eps] first (eps = 1e-4, as CenterPoint), so log never sees 0
     or 1; like CenterPoint the clamp also stops the gradient of saturated predictions.
     """
@@ -70,5 +74,5 @@ def gaussian_focal_loss(pred_sigmoid, gt_heatmap, alpha=2.0, beta=4.0, eps=1e-4)
     neg = gt.lt(1).to(dtype)
     pos_loss = torch.log(pred) * (1 - pred).pow(alpha) * pos
     neg_loss = torch.log(1 - pred) * pred.pow(alpha) * (1 - gt).pow(beta) * neg
-    num_pos = pos.sum().clamp(min=1)
+    num_pos = global_normaliser(pos.sum())  # over all ranks under DDP (ops.distributed)
     return -(pos_loss.sum() + neg_loss.sum()) / num_pos
