@@ -54,19 +54,16 @@ def lidar_like_voxels(n_voxels, seed=0):
             torch.tensor([boxes], dtype=torch.float32))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument('--voxels', type=int, default=25_000)
-    ap.add_argument('--repeats', type=int, default=3)
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    coords, feats, boxes = lidar_like_voxels(args.voxels)
+def build_encoder(device='cpu'):
+    """The users' FocalSSTEncoder (NUM_FILTERS [32, 64, 128], 4 input features) on ``device``."""
     cfg = EasyDict(NAME='FocalSSTEncoder', NUM_FILTERS=[32, 64, 128], KERNEL_SIZE=3,
                    IMPORTANCE_THRESHOLD=0.5)
-    enc = FocalSSTEncoder(cfg, 4, GRID, VOXEL, PCR)
-    print(describe_machine('cpu'))
-    print(f'grid {GRID.tolist()} (x, y, z), {coords.shape[0]} voxels, NUM_FILTERS [32, 64, 128]')
+    return FocalSSTEncoder(cfg, 4, GRID, VOXEL, PCR).to(device)
 
+
+def encoder_fns(enc, coords, feats, boxes):
+    """``(train_step, infer)`` closures on one sample (tensors on the encoder's device):
+    a training forward + focal loss + backward (grads cleared after), and an eval forward."""
     def batch():
         return {'voxel_features': feats, 'voxel_coords': coords, 'batch_size': 1,
                 'gt_boxes': boxes}
@@ -83,6 +80,20 @@ def main():
         enc.eval()
         with torch.no_grad():
             return enc(batch())['voxel_features']
+    return train_step, infer
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--voxels', type=int, default=25_000)
+    ap.add_argument('--repeats', type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    coords, feats, boxes = lidar_like_voxels(args.voxels)
+    enc = build_encoder()
+    print(describe_machine('cpu'))
+    print(f'grid {GRID.tolist()} (x, y, z), {coords.shape[0]} voxels, NUM_FILTERS [32, 64, 128]')
+    train_step, infer = encoder_fns(enc, coords, feats, boxes)
 
     rows = []
     for label, own_bias in (('init (own prior 0.01)', None), ('no prior (own bias 0)', 0.0)):

@@ -2,6 +2,7 @@
 
     python benchmarks/height_compression.py            # users' shape + small shape
     python benchmarks/height_compression.py --quick    # small shape only
+    python benchmarks/height_compression.py --backward # forward + backward instead
 
 Users' shape (docs/problem.md): B=1, C=128, D=175, H=200, W=500, 120,000 occupied voxels at
 random (unique) positions. The dense volume is 8.96 GB, and spconv's ``.dense()`` holds two of
@@ -10,7 +11,8 @@ time, each freed before the next; a dense row is skipped (with a note) when the 
 enough free memory for it, and this process volunteers to be the one the kernel's OOM killer
 picks (oom_score_adj), so a shared machine's other work is not the victim.
 
-Rows (all forward, ``torch.no_grad``):
+Rows (forward under ``torch.no_grad``; with ``--backward``: forward + backward of the output's
+sum, gradients w.r.t. the voxel features and the projection weights):
 - sparse max / mean / learned (and learned + BN/ReLU): SparseHeightCompression on an
   ``encoded_spconv_tensor``
 - ``spconv .dense() + view``: OpenPCDet's HeightCompression, (B, C*D, H, W)
@@ -25,6 +27,7 @@ Columns: median time after warm-up; peak live tensor bytes (pcdet_focal.memory.t
 and memory ratios of each sparse mode against its dense equivalent and against HeightCompression;
 the memory-bandwidth bound = bytes that must be read and written (voxel features + coords +
 weights in, BEV map out) / the copy bandwidth measured in the same run; "x bound" = time / bound.
+A row that runs out of memory is reported with the size the allocator was asked for.
 """
 import argparse
 import gc
@@ -36,8 +39,8 @@ import torch
 if __package__ in (None, ''):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
-    available_memory, bench, copy_bandwidth, describe_machine, fmt_bytes, fmt_time,
-    matmul_throughput, print_table)
+    available_memory, bench, copy_bandwidth, describe_machine, fmt_bytes, fmt_time, is_oom,
+    matmul_throughput, print_table, requested_bytes)
 from pcdet_focal.models.map_to_bev import SparseHeightCompression  # noqa: E402
 from pcdet_focal.ops.bev_scatter import scatter_height_to_channels  # noqa: E402
 from pcdet_focal.ops.sparse import sparse_tensor  # noqa: E402
@@ -59,14 +62,33 @@ def random_voxels(B, C, D, H, W, N, device, seed=0):
     return features.to(device), coords.to(device)
 
 
-def make_cases(s, features, coords, device, small):
-    """[(name, fn, {column: reference row}, bytes that must move)] for one shape."""
+def forward_backward(fn, leaves):
+    """``fn`` followed by the backward of its output's sum (gradients of ``leaves`` cleared
+    first; a (values, indices) result counts by its values)."""
+    def run():
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        out.sum().backward()
+    return run
+
+
+def make_cases(s, features, coords, device, small, backward=False):
+    """[(name, fn, {column: reference row}, bytes that must move)] for one shape.
+
+    ``backward``: each fn runs forward + backward (:func:`forward_backward`); the bytes stay
+    those of the forward."""
     B, C, D, H, W, N, F_out = (s[k] for k in 'BCDHWNF')
+    if backward:
+        features = features.detach().requires_grad_(True)
     st = sparse_tensor(features, coords, [D, H, W], B)
     batch = {'encoded_spconv_tensor': st, 'encoded_spconv_tensor_stride': 1, 'batch_size': B}
     c = coords.long()
     col = (c[:, 0] * H + c[:, 2]) * W + c[:, 3]
-    weight = torch.randn(F_out, C * D, device=device) / (C * D) ** 0.5
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.randn(F_out, C * D, generator=gen) / (C * D) ** 0.5).to(device)
+    leaves = [features, weight.requires_grad_(backward)]
     in_bytes = features.numel() * 4 + coords.numel() * 4
     bev_c = B * C * H * W * 4
     bev_f = B * F_out * H * W * 4
@@ -78,7 +100,8 @@ def make_cases(s, features, coords, device, small):
                    INPUT_FEATURES=C, NUM_HEIGHT_BINS=D, USE_NORM=norm)
         m = SparseHeightCompression(cfg).to(device).eval()
         if mode == 'learned':
-            m.weight.data.copy_(weight.view(F_out, C * D, 1, 1))
+            m.weight.data.copy_(weight.detach().view(F_out, C * D, 1, 1))
+        leaves.extend(m.parameters())
         return lambda: m(dict(batch))['spatial_features']
 
     def scatter():  # best-case dense: one (B, C*D, H, W) volume, written channel-first
@@ -111,53 +134,147 @@ def make_cases(s, features, coords, device, small):
         cases.append(('spconv .dense() + F.conv2d 1x1', lambda: torch.nn.functional.conv2d(
             st.dense().view(B, C * D, H, W), weight.view(F_out, C * D, 1, 1)), {},
             in_bytes + w_bytes + bev_f))
+    if backward:
+        cases = [(case, forward_backward(fn, leaves), refs, nbytes)
+                 for case, fn, refs, nbytes in cases]
     return cases
 
 
-def run_shape(name, s, device, bandwidth, repeats, match=None):
-    B, C, D, H, W, N = (s[k] for k in 'BCDHWN')
+def measure_cases(s, features, coords, device, repeats, match=None, small=False,
+                  backward=False, log=print):
+    """Bench every case of :func:`make_cases`, one at a time (each freed before the next).
+
+    Returns ``{case: (Result, refs, bytes)}`` for the rows that ran and ``{case: reason}`` for
+    those skipped (not enough free memory), out of memory (the reason gives the size asked
+    for, :func:`benchmarks.common.requested_bytes`) or failed (``'failed: <error>'``; the other
+    rows still run).
+    """
+    B, C, D, H, W = (s[k] for k in 'BCDHW')
     volume = B * C * D * H * W * 4
-    print(f'\n## {name}: B={B} C={C} D={D} H={H} W={W}, {N:,} occupied voxels '
-          f'({N / (B * D * H * W):.3%}); dense volume {fmt_bytes(volume)}', flush=True)
-    features, coords = random_voxels(B, C, D, H, W, N, device)
-    results = {}
-    with torch.no_grad():
-        for case, fn, refs, nbytes in make_cases(s, features, coords, device, name == 'small'):
+    results, skipped = {}, {}
+    with torch.set_grad_enabled(backward):
+        for case, fn, refs, nbytes in make_cases(s, features, coords, device, small, backward):
             if match and not any(m in case for m in match):
                 continue
             sparse = case.startswith('sparse')
-            # spconv's .dense() peaks at two volumes, the scatter rows at one; keep half a
-            # volume (>= 1 GiB) of headroom for the rest of the machine
-            copies = 2 if case.startswith('spconv') else 1
+            # spconv's .dense() peaks at two volumes, the scatter rows at one (their backward
+            # at about twice that); keep half a volume (>= 1 GiB) of headroom for the rest
+            copies = (2 if case.startswith('spconv') else 1) * (2 if backward else 1)
             need = 0 if sparse else copies * volume + max(volume // 2, 2**30)
             free = available_memory(device)
             if free is not None and free < need:
-                print(f'  skipped {case}: needs ~{fmt_bytes(need)}, {fmt_bytes(free)} available',
-                      flush=True)
+                skipped[case] = f'needs ~{fmt_bytes(need)}, {fmt_bytes(free)} available'
+                log(f'  skipped {case}: {skipped[case]}', flush=True)
                 continue
             reps = repeats if sparse or volume < 2**30 else max(2, repeats // 2)
-            res = bench(fn, device, repeats=reps, warmup=2 if sparse else 1)
+            try:
+                res = bench(fn, device, repeats=reps, warmup=2 if sparse else 1)
+            except Exception as err:  # noqa: BLE001 - one row's failure must not end the others
+                if is_oom(err):
+                    asked = requested_bytes(err)
+                    skipped[case] = ('out of memory' + (f' (asked for {fmt_bytes(asked)})'
+                                                        if asked else ''))
+                else:
+                    lines = str(err).strip().splitlines() or ['']
+                    skipped[case] = f'failed: {type(err).__name__}: {lines[0]}'
+                log(f'  {case}: {skipped[case]}', flush=True)
+                del err
+                gc.collect()
+                if torch.device(device).type == 'cuda':
+                    torch.cuda.empty_cache()
+                continue
             results[case] = (res, refs, nbytes)
-            print(f'  {case}: {fmt_time(res.time_s)}, peak {fmt_bytes(res.peak_bytes)} '
-                  f'({reps} timed runs)', flush=True)
+            log(f'  {case}: {fmt_time(res.time_s)}, peak {fmt_bytes(res.peak_bytes)} '
+                f'({reps} timed runs)', flush=True)
             del fn
             gc.collect()
+    return results, skipped
+
+
+def summary_rows(results, bandwidth):
+    """One dict per measured case: time, peak, bytes moved, bandwidth bound (bytes /
+    ``bandwidth``; None without a bandwidth) and its multiple, and the (time, memory) ratios of
+    each reference row over this one (``vs dense`` / ``vs HeightCompression``, None when not
+    measured)."""
     rows = []
     for case, (res, refs, nbytes) in results.items():
-        bound = nbytes / bandwidth
-        ratios = []
+        bound = nbytes / bandwidth if bandwidth else None
+        row = {'case': case, 'time_s': res.time_s, 'peak_bytes': res.peak_bytes,
+               'max_allocated_bytes': res.max_allocated, 'max_reserved_bytes': res.max_reserved,
+               'bytes': nbytes, 'bound_s': bound, 'x_bound': res.time_s / bound if bound else None}
         for column in ('vs dense', 'vs HeightCompression'):
             ref = results.get(refs.get(column))
-            ratios.append('-' if ref is None else
-                          f'{ref[0].time_s / res.time_s:.0f}x / '
-                          f'{ref[0].peak_bytes / max(res.peak_bytes, 1):.0f}x')
-        rows.append([case, fmt_time(res.time_s), fmt_bytes(res.peak_bytes), *ratios,
-                     fmt_bytes(nbytes), fmt_time(bound), f'{res.time_s / bound:.1f}x'])
+            row[column] = None if ref is None else {
+                'reference': refs[column], 'speed': ref[0].time_s / res.time_s,
+                'memory': ref[0].peak_bytes / max(res.peak_bytes, 1)}
+        rows.append(row)
+    return rows
+
+
+def check_exact(s, features, coords):
+    """SparseHeightCompression against OpenPCDet's dense volume (spconv ``.dense()``).
+
+    max / mean are compared bit for bit with the same reduction done densely, height level by
+    height level (z ascending, the order SparseHeightCompression sums in; an empty voxel adds
+    0.0 to the sum and never wins the max); learned: the largest error of the dense flatten +
+    1x1 conv (as a matmul), relative to that output's largest magnitude.
+    Returns ``{'max': bool, 'mean': bool, 'learned_rel_err': float}``.
+    """
+    B, C, D, H, W, F_out = (s[k] for k in 'BCDHWF')
+    with torch.no_grad():
+        st = sparse_tensor(features, coords, [D, H, W], B)
+        batch = {'encoded_spconv_tensor': st, 'encoded_spconv_tensor_stride': 1, 'batch_size': B}
+        out = {}
+        for mode in ('max', 'mean', 'learned'):
+            cfg = dict(MODE=mode, NUM_BEV_FEATURES=C if mode != 'learned' else F_out,
+                       INPUT_FEATURES=C, NUM_HEIGHT_BINS=D, USE_NORM=False)
+            m = SparseHeightCompression(cfg).to(features.device).eval()
+            out[mode] = (m(dict(batch))['spatial_features'], m)
+        vol = st.dense()                                        # (B, C, D, H, W)
+        occ = torch.zeros(B, D, H, W, dtype=torch.bool, device=features.device)
+        c = coords.long()
+        occ[c[:, 0], c[:, 1], c[:, 2], c[:, 3]] = True
+        neg_inf = torch.tensor(float('-inf'), device=features.device)
+        top = torch.full((B, C, H, W), float('-inf'), device=features.device)
+        total = torch.zeros(B, C, H, W, device=features.device)
+        for z in range(D):
+            level = vol[:, :, z]
+            top = torch.maximum(top, torch.where(occ[:, None, z], level, neg_inf))
+            total = total + level
+        count = occ.sum(1, keepdim=True)
+        ref_max = torch.where(count > 0, top, torch.zeros_like(top))
+        ref_mean = total / count.clamp(min=1).to(total.dtype)
+        del top, total
+        weight = out['learned'][1].weight.view(F_out, C * D)
+        ref_learned = torch.stack([weight @ vol[b].view(C * D, H * W) for b in range(B)])
+        learned = out['learned'][0].view(B, F_out, H * W)
+        rel = ((learned - ref_learned).abs().max() /
+               ref_learned.abs().max().clamp(min=1e-12)).item()
+    return {'max': torch.equal(out['max'][0], ref_max),
+            'mean': torch.equal(out['mean'][0], ref_mean), 'learned_rel_err': rel}
+
+
+def run_shape(name, s, device, bandwidth, repeats, match=None, backward=False):
+    B, C, D, H, W, N = (s[k] for k in 'BCDHWN')
+    volume = B * C * D * H * W * 4
+    print(f'\n## {name}: B={B} C={C} D={D} H={H} W={W}, {N:,} occupied voxels '
+          f'({N / (B * D * H * W):.3%}); dense volume {fmt_bytes(volume)}'
+          f'{"; forward + backward" if backward else ""}', flush=True)
+    features, coords = random_voxels(B, C, D, H, W, N, device)
+    results, _ = measure_cases(s, features, coords, device, repeats, match, name == 'small',
+                               backward)
+    rows = []
+    for r in summary_rows(results, bandwidth):
+        ratios = ['-' if r[col] is None else
+                  f'{r[col]["speed"]:.0f}x / {r[col]["memory"]:.0f}x'
+                  for col in ('vs dense', 'vs HeightCompression')]
+        rows.append([r['case'], fmt_time(r['time_s']), fmt_bytes(r['peak_bytes']), *ratios,
+                     fmt_bytes(r['bytes']), fmt_time(r['bound_s']), f'{r["x_bound"]:.1f}x'])
     print()
     print_table(['path', 'time (median)', 'peak memory',
                  'faster / less memory than dense equivalent',
-                 'faster / less memory than HeightCompression', 'bytes r+w', 'bandwidth bound',
-                 'x bound'], rows)
+                 'faster / less memory than HeightCompression', 'bytes r+w',
+                 'bandwidth bound (forward)', 'x bound'], rows)
     return results
 
 
@@ -171,6 +288,8 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads')
     parser.add_argument('--match', nargs='+', default=None, metavar='TEXT',
                         help='run only the rows whose name contains one of these')
+    parser.add_argument('--backward', action='store_true',
+                        help='time forward + backward (of the output sum) instead of forward')
     args = parser.parse_args(argv)
     try:  # if memory runs out, the kernel should kill this benchmark, not a neighbour's job
         with open('/proc/self/oom_score_adj', 'w', encoding='ascii') as fh:
@@ -197,7 +316,8 @@ def main(argv=None):
               f'{flops / 1e9:.0f} GFLOP/s', flush=True)
         for name in shapes:
             s = SHAPES[name]
-            learned = run_shape(name, s, device, bw, args.repeats, args.match).get('sparse learned')
+            learned = run_shape(name, s, device, bw, args.repeats, args.match,
+                                args.backward).get('sparse learned')
             if learned is not None:
                 gflop = 2 * s['N'] * s['C'] * s['F'] / 1e9
                 print(f'\nsparse learned does {gflop:.1f} GFLOP: {fmt_time(gflop * 1e9 / flops)} '

@@ -11,7 +11,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data/kitti_mini beside the checkout (CI has it); override with KITTI_MINI.
 KITTI_MINI = Path(os.environ.get('KITTI_MINI', REPO_ROOT.parent / 'shared' / 'data' / 'kitti_mini'))
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+CUDA_SKIP_REASON = 'needs a CUDA device'
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP_REASON)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: runs on a CUDA device, skips without one '
+                            '(`pytest -m cuda` selects them; benchmarks/gpu_suite.py step 2)')
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that skips without a GPU (a skipif with CUDA_SKIP_REASON, such as
+    cuda_only or the 'cuda' param of the device fixture) with ``cuda``."""
+    for item in items:
+        if any(m.kwargs.get('reason') == CUDA_SKIP_REASON for m in item.iter_markers('skipif')):
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture(autouse=True)
