@@ -607,7 +607,8 @@ def device_maxima(device):
 
 
 def step_cliff(ctx, data):
-    from pcdet_focal.memory import estimate
+    from pcdet_focal.memory import estimate, prepare
+    from pcdet_focal.memory.cuda import USERS_STACK, Stack
     from pcdet_focal.ops.sparse import sparse_tensor
     device = ctx.device
     s = ctx.plan.cliff
@@ -621,13 +622,16 @@ def step_cliff(ctx, data):
     data['columns_bytes'] = cin * 9 * H * W * 4      # what an im2col of one sample holds
     users = hc_bench.SHAPES['users']
     data['users_report_bytes'] = users['C'] * users['D'] * 9 * users['H'] * users['W'] * 4
-    est = estimate(load_config(ROOT / DENSE_HC_CFG), batch_size=1, target='cuda')
-    data['estimator'] = {'config': DENSE_HC_CFG, 'target': 'cuda',
-                         'transient_bytes': getattr(est, 'transient_bytes', None),
-                         'transient_label': getattr(est, 'transient_label', None),
-                         'transient_module': getattr(est, 'transient_module', None),
-                         'peak_bytes': est.peak_bytes,
-                         'map_to_bev_input': list(getattr(est, 'map_to_bev_input', None) or [])}
+    # the installed stack (what this GPU runs, compared below) and the users' (their 75.10 GiB)
+    cfg = load_config(ROOT / DENSE_HC_CFG)
+    prep = prepare(cfg, frames=0)
+    for key, stack in (('estimator', None), ('estimator_users_stack', Stack.parse(USERS_STACK))):
+        est = estimate(cfg, batch_size=1, target='cuda', stack=stack, prepared=prep)
+        data[key] = {'config': DENSE_HC_CFG, 'target': 'cuda', 'stack': est.stack,
+                     'transient_bytes': est.transient_bytes,
+                     'transient_label': est.transient_label,
+                     'transient_module': est.transient_module, 'peak_bytes': est.peak_bytes,
+                     'map_to_bev_input': list(est.map_to_bev_input or [])}
     data['comparable'] = data['estimator']['map_to_bev_input'] == [C, D, H, W]
     if device.type == 'cuda':
         data['gpu_memory_bytes'] = torch.cuda.mem_get_info(device)[1]
@@ -917,14 +921,17 @@ def md_estimator(d):
 def md_cliff(d):
     if 'conv' not in d:
         return []
-    est = d.get('estimator', {})
+    est, users = d.get('estimator', {}), d.get('estimator_users_stack', {})
     out = [f'{d["conv"]} on {d["input_shape"]} ({fmt_bytes(d["input_bytes"])}, '
            f'{d["input_elements_per_sample"]:,} elements per sample'
            f'{", over 2^31-1" if d["over_int32"] else ""}); an im2col of it holds '
            f'{fmt_bytes(d["columns_bytes"])} ({d["columns_bytes"] / GIB:.2f} GiB).', '',
-           f'Estimator ({est.get("config")}, batch 1, CUDA): largest transient '
-           f'{(est.get("transient_bytes") or 0) / GIB:.2f} GiB ({est.get("transient_label")}); '
-           f'users\' report: {d["users_report_bytes"] / GIB:.2f} GiB.', '']
+           f'Estimator ({est.get("config")}, batch 1, CUDA), largest transient: '
+           f'{(est.get("transient_bytes") or 0) / GIB:.2f} GiB on this stack '
+           f'({est.get("stack")}: {est.get("transient_label")}); '
+           f'{(users.get("transient_bytes") or 0) / GIB:.2f} GiB on the users\' stack '
+           f'({users.get("stack")}); users\' report: {d["users_report_bytes"] / GIB:.2f} GiB.',
+           '']
     if d.get('outcome') == 'out of memory':
         o = d['oom']
         asked = o.get('requested_bytes')

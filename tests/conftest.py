@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Tests run on the CPU; CUDA variants skip without a GPU."""
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,14 @@ def _seed_everything():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _forget_init_path():
+    """tools/*.py import their own folder's ``_init_path``; tests load the tools of several
+    checkouts (ours, fake and real OpenPCDet ones), so none may find another's cached."""
+    yield
+    sys.modules.pop('_init_path', None)
 
 
 @pytest.fixture

@@ -1,32 +1,43 @@
-"""Memory estimator: geometry, acceptance on the shipped configs, OpenPCDet-style configs,
-suggestions and the library API. No torch / GPU needed (the estimate path never imports them).
+"""Memory estimator v2: the model comes from the real builder (meta device), counts from real
+frames, the CUDA stack decides the large-conv path, suggestions are re-estimated, and the
+verdict never claims FITS for an incomplete or unbounded estimate.
 
-References are computed independently in the tests (shape arithmetic, parameter formulas).
+References are independent: hand arithmetic (columns buffer, allocator segments), the real
+CPU-built model's parameters, the frames' voxel counts read directly from the dataset.
 """
 import copy
-import time
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from easydict import EasyDict
 
 from pcdet_focal.config import load_config, to_plain
 from pcdet_focal.errors import ConfigError
-from pcdet_focal.memory import check_fits, estimate, write_fixed
-from pcdet_focal.memory.dsvt_geometry import dsvt_stages
-from pcdet_focal.memory.suggest import z_stride_changes
+from pcdet_focal.memory import check_fits, estimate, prepare, write_fixed
+from pcdet_focal.memory import cuda
+from pcdet_focal.memory.suggest import _batch, _dsvt_prefix, z_stride_changes
+from pcdet_focal.memory.verdict import ALLOCATOR_SLACK, NCCL_BUFFERS, needed
+from pcdet_focal.registry import BACKBONE_2D
 
 from cfg_parts import separate_head_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
+USERS = cuda.Stack.parse(cuda.USERS_STACK)
 
 
 def _data_config(pcr, voxel, max_voxels=16000, max_points=5):
     return {
         'DATASET': 'SyntheticDataset',
         'POINT_CLOUD_RANGE': list(pcr),
+        'NUM_FRAMES': {'train': 4, 'test': 2}, 'SEED': {'train': 0, 'test': 1},
+        'SCENE': {'NUM_BEAMS': 16, 'NUM_AZIMUTH': 512},
         'POINT_FEATURE_ENCODING': {'encoding_type': 'absolute_coordinates_encoding',
                                    'used_feature_list': ['x', 'y', 'z', 'intensity'],
                                    'src_feature_list': ['x', 'y', 'z', 'intensity']},
@@ -66,201 +77,8 @@ def _write(tmp_path, name, cfg):
     return path
 
 
-# ---------------------------------------------------------------------------- geometry
-def test_grid_and_dsvt_stage_shapes():
-    data = _data_config([0, -40, -3, 70.4, 40, 1], [0.05, 0.05, 0.1])
-    model = {'NAME': 'SECONDNet', 'VFE': {'NAME': 'MeanVFE'}}
-    e = estimate(_cfg(model, data), batch_size=1, voxels=100)
-    # 70.4 / 0.05 = 1408, 80 / 0.05 = 1600, 4 / 0.1 = 40
-    assert 'voxel grid 1408 x 1600 x 40' in e.geometry[0]
-    # DSVT: ceil division at every stage, x, y, z order
-    st = dsvt_stages({'INPUT_LAYER': {'sparse_shape': [500, 200, 175], 'input_downsample':
-                                      [1, 1, 4], 'downsample_stride': [[2, 2, 3]],
-                                      'd_model': [8, 8]}})
-    assert st['shapes'] == [[500, 200, 44], [250, 100, 15]]
-    assert st['strides'] == [[1, 1, 4], [2, 2, 12]]
-
-
-@pytest.mark.parametrize('mutate, needle', [
-    (lambda c: c.DATA_CONFIG.pop('POINT_CLOUD_RANGE'), 'POINT_CLOUD_RANGE is missing'),
-    (lambda c: c.DATA_CONFIG.DATA_PROCESSOR[1].pop('VOXEL_SIZE'), 'VOXEL_SIZE is missing'),
-    (lambda c: c.DATA_CONFIG.DATA_PROCESSOR[1].__setitem__('VOXEL_SIZE', [0.3, 0.2, 0.2]),
-     'does not divide evenly along x'),
-    (lambda c: c.DATA_CONFIG.__setitem__('POINT_CLOUD_RANGE', [0, 0, 0, 10, 10]),
-     'POINT_CLOUD_RANGE must be a list of 6 numbers'),
-])
-def test_geometry_errors_name_the_field(mutate, needle):
-    cfg = _cfg({'NAME': 'X', 'VFE': {'NAME': 'MeanVFE'}},
-               EasyDict(_data_config([0, -10, -2, 20, 10, 2], [0.2, 0.2, 0.2])))
-    mutate(cfg)
-    with pytest.raises(ConfigError, match=needle):
-        estimate(cfg)
-
-
-@pytest.mark.parametrize('batch', [0, -1, 1.5, True])
-def test_bad_batch_size(batch):
-    cfg = _cfg({'NAME': 'X', 'VFE': {'NAME': 'MeanVFE'}},
-               _data_config([0, -10, -2, 20, 10, 2], [0.2, 0.2, 0.2]))
-    with pytest.raises(ConfigError, match='batch size must be a positive integer'):
-        estimate(cfg, batch_size=batch)
-
-
-# ---------------------------------------------------------------------------- acceptance
-def test_dense_hc_config_is_rejected_with_the_im2col_transient():
-    cfg = load_config(ROOT / 'cfgs' / 'focalsst_dsvt_dense_hc.yaml')
-    e = estimate(cfg)
-    c, d, h, w = 128, 175, 200, 500              # users' numbers (problem.md)
-    assert e.flattened_bev_channels == c * d == 22400
-    cols = 22400 * 9 * h * w * 4                 # unfolded input of Conv2d(22400, 128, 3)
-    assert e.transient_bytes == cols
-    assert f'{cols / GIB:.2f}' == '75.10'
-    assert '22400' in e.transient_label and 'BACKBONE_2D' in e.transient_module
-    assert any('22400 flattened BEV channels' in line for line in e.geometry)
-    for vram in (24, 80):
-        v = check_fits(cfg, vram_gib=vram)
-        assert not v.fits and v.has_budget
-        assert 'REJECT' in v.summary()
-    v = check_fits(cfg, vram_gib=24)
-    shc = [s for s in v.suggestions if s.kind == 'map_to_bev']
-    assert {s.cfg.MODEL.MAP_TO_BEV.MODE for s in shc} == {'max', 'mean', 'learned'}
-    fitting = [s for s in shc if s.fits]
-    assert fitting and all(s.peak_bytes < 24 * GIB for s in fitting)
-    assert v.top_suggestion is not None and v.top_suggestion.fits
-
-
-def test_fixed_config_fits_24_gib_with_max_batch():
-    cfg = load_config(ROOT / 'cfgs' / 'focalsst_dsvt.yaml')
-    v = check_fits(cfg, batch_size=1, vram_gib=24)
-    assert v.fits
-    assert v.max_batch_size >= 1
-    assert f'largest batch that fits: {v.max_batch_size}' in v.summary()
-    # the batch after the largest must not fit (the search is exact on the estimate)
-    nxt = check_fits(cfg, batch_size=v.max_batch_size + 1, vram_gib=24, suggest=False)
-    assert not nxt.fits
-
-
-def _model_configs():
-    files = sorted((ROOT / 'cfgs').glob('*.yaml')) + sorted((ROOT / 'cfgs' / 'openpcdet')
-                                                            .glob('*.yaml'))
-    return [f for f in files if 'MODEL' in (yaml.safe_load(f.read_text()) or {})]
-
-
-@pytest.mark.parametrize('path', _model_configs(), ids=lambda p: p.name)
-def test_every_shipped_config_estimates_fast(path):
-    cfg = load_config(path)
-    t0 = time.perf_counter()
-    e = estimate(cfg)
-    assert time.perf_counter() - t0 < 2.0
-    assert e.peak_bytes > e.param_bytes > 0
-    assert not e.not_modelled, e.not_modelled
-
-
-# ---------------------------------------------------------------------------- OpenPCDet
-def _second_like():
-    data = _data_config([0, -40, -3, 70.4, 40, 1], [0.05, 0.05, 0.1])
-    model = {
-        'NAME': 'SECONDNet', 'VFE': {'NAME': 'MeanVFE'},
-        'BACKBONE_3D': {'NAME': 'VoxelBackBone8x'},
-        'MAP_TO_BEV': {'NAME': 'HeightCompression', 'NUM_BEV_FEATURES': 256},
-        'BACKBONE_2D': {'NAME': 'BaseBEVBackbone', 'LAYER_NUMS': [5, 5], 'LAYER_STRIDES': [1, 2],
-                        'NUM_FILTERS': [128, 256], 'UPSAMPLE_STRIDES': [1, 2],
-                        'NUM_UPSAMPLE_FILTERS': [256, 256]},
-        'DENSE_HEAD': {
-            'NAME': 'AnchorHeadSingle', 'CLASS_AGNOSTIC': False, 'USE_DIRECTION_CLASSIFIER': True,
-            'DIR_OFFSET': 0.78539, 'DIR_LIMIT_OFFSET': 0.0, 'NUM_DIR_BINS': 2,
-            'ANCHOR_GENERATOR_CONFIG': [
-                {'class_name': n, 'anchor_sizes': [s], 'anchor_rotations': [0, 1.57],
-                 'anchor_bottom_heights': [-1.0], 'align_center': False,
-                 'feature_map_stride': 8, 'matched_threshold': 0.6, 'unmatched_threshold': 0.45}
-                for n, s in (('Car', [3.9, 1.6, 1.56]), ('Pedestrian', [0.8, 0.6, 1.73]),
-                             ('Cyclist', [1.76, 0.6, 1.73]))],
-            'TARGET_ASSIGNER_CONFIG': {'NAME': 'AxisAlignedTargetAssigner', 'POS_FRACTION': -1.0,
-                                       'SAMPLE_SIZE': 512, 'NORM_BY_NUM_EXAMPLES': False,
-                                       'MATCH_HEIGHT': False, 'BOX_CODER': 'ResidualCoder'},
-            'LOSS_CONFIG': {'LOSS_WEIGHTS': {'cls_weight': 1.0, 'loc_weight': 2.0,
-                                             'dir_weight': 0.2, 'code_weights': [1.0] * 7}}},
-        'POST_PROCESSING': {'RECALL_THRESH_LIST': [0.3, 0.5, 0.7], 'EVAL_METRIC': 'kitti'},
-    }
-    return _cfg(model, data, dict(OPTIMIZATION, BATCH_SIZE_PER_GPU=4))
-
-
-def test_second_like_openpcdet_config(tmp_path):
-    cfg = load_config(_write(tmp_path, 'second.yaml', _second_like()))
-    e = estimate(cfg)
-    assert not e.lower_bound
-    # VoxelBackBone8x parameters, counted by hand from OpenPCDet's layer list
-    k = 27
-
-    def block(cin, cout, kv=k):
-        return kv * cin * cout + 2 * cout          # conv (no bias) + BN weight/bias
-
-    spconv_params = (block(4, 16) + block(16, 16) + block(16, 32) + 2 * block(32, 32)
-                     + block(32, 64) + 2 * block(64, 64) + block(64, 64) + 2 * block(64, 64)
-                     + block(64, 128, kv=3))
-    rows = {r.name: r for r in e.rows}
-    assert rows['BACKBONE_3D VoxelBackBone8x'].params == spconv_params
-    # BaseBEVBackbone: 3x3 convs + BNs + deconvs (k = stride) + BNs
-    bev = (9 * 256 * 128 + 2 * 128 + 5 * (9 * 128 * 128 + 2 * 128)
-           + 9 * 128 * 256 + 2 * 256 + 5 * (9 * 256 * 256 + 2 * 256)
-           + 1 * 128 * 256 + 2 * 256 + 4 * 256 * 256 + 2 * 256)
-    assert rows['BACKBONE_2D BaseBEVBackbone'].params == bev
-    # spconv sparse shape grid[::-1] + [1, 0, 0]; output z = (41 - 3) // 2 + 1... after 3
-    # stride-2 convs: 41 -> 21 -> 11 -> 5 (no z padding in conv4) -> conv_out (3, s2) -> 2
-    assert e.flattened_bev_channels == 128 * 2
-    assert any('[2, 200, 176]' in line for line in e.geometry)
-
-
-def test_unmodelled_modules_give_a_lower_bound_not_a_traceback(tmp_path):
-    """OpenPCDet's DSVT pillar config: DynamicPillarVFE is not modelled."""
-    data = _data_config([-74.88, -74.88, -2, 74.88, 74.88, 4.0], [0.32, 0.32, 6])
-    data['DATA_PROCESSOR'][1] = {'NAME': 'transform_points_to_voxels_placeholder',
-                                 'VOXEL_SIZE': [0.32, 0.32, 6]}
-    head = copy.deepcopy(CENTER_HEAD)
-    head['SEPARATE_HEAD_CFG']['HEAD_DICT']['iou'] = {'out_channels': 1, 'num_conv': 2}
-    model = {
-        'NAME': 'CenterPoint',
-        'VFE': {'NAME': 'DynamicPillarVFE3D', 'NUM_FILTERS': [192, 192]},
-        'BACKBONE_3D': {
-            'NAME': 'DSVT',
-            'INPUT_LAYER': {'sparse_shape': [468, 468, 1], 'downsample_stride': [],
-                            'd_model': [192], 'set_info': [[36, 4]],
-                            'window_shape': [[12, 12, 1]], 'hybrid_factor': [2, 2, 1],
-                            'shifts_list': [[[0, 0, 0], [6, 6, 0]]], 'normalize_pos': False},
-            'block_name': ['DSVTBlock'], 'set_info': [[36, 4]], 'd_model': [192],
-            'nhead': [8], 'dim_feedforward': [384], 'dropout': 0.0, 'activation': 'gelu',
-            'output_shape': [468, 468], 'conv_out_channel': 192, 'USE_CHECKPOINT': True},
-        'MAP_TO_BEV': {'NAME': 'PointPillarScatter3d', 'INPUT_SHAPE': [468, 468, 1],
-                       'NUM_BEV_FEATURES': 192},
-        'BACKBONE_2D': {'NAME': 'BaseBEVResBackbone', 'LAYER_NUMS': [1, 2, 2],
-                        'LAYER_STRIDES': [1, 2, 2], 'NUM_FILTERS': [128, 128, 256],
-                        'UPSAMPLE_STRIDES': [1, 2, 4], 'NUM_UPSAMPLE_FILTERS': [128, 128, 128]},
-        'DENSE_HEAD': head,
-    }
-    cfg = load_config(_write(tmp_path, 'dsvt_pillar.yaml', _cfg(model, data)))
-    e = estimate(cfg)
-    assert e.lower_bound and e.not_modelled == ['VFE DynamicPillarVFE3D']
-    assert any('DSVT' in r.name and r.modelled and r.params > 0 for r in e.rows)
-    assert e.flattened_bev_channels == 192
-    v = check_fits(cfg, vram_gib=80)
-    assert 'lower bound' in v.summary()
-
-
-def test_unknown_module_names_in_every_slot(tmp_path):
-    data = _data_config([0, -10, -2, 20, 10, 2], [0.1, 0.1, 0.2])
-    model = {'NAME': 'Mystery', 'VFE': {'NAME': 'PillarVFE', 'NUM_FILTERS': [64]},
-             'BACKBONE_3D': {'NAME': 'Whatever3D'},
-             'MAP_TO_BEV': {'NAME': 'PointPillarScatter', 'NUM_BEV_FEATURES': 64},
-             'BACKBONE_2D': {'NAME': 'Fancy2D', 'NUM_FILTERS': [64, 128]},
-             'DENSE_HEAD': {'NAME': 'FancyHead'}}
-    e = estimate(_cfg(model, data), batch_size=2)
-    names = ' '.join(e.not_modelled)
-    for n in ('PillarVFE', 'Whatever3D', 'Fancy2D', 'FancyHead'):
-        assert n in names
-    assert e.peak_bytes > 0
-
-
-# ---------------------------------------------------------------------------- configs
 def _shc_config(mode='max', nbf=64):
+    """FocalSSTEncoder -> SparseHeightCompression -> BaseBEVBackbone -> CenterHead, small grid."""
     data = _data_config([0, -8, -3, 20, 8, 4], [0.2, 0.2, 0.2], max_voxels=3000)
     model = {
         'NAME': 'FocalCenterPoint', 'VFE': {'NAME': 'MeanVFE'},
@@ -275,97 +93,349 @@ def _shc_config(mode='max', nbf=64):
     return _cfg(model, data)
 
 
+def _shipped(name):
+    return load_config(ROOT / 'cfgs' / name)
+
+
+# ---------------------------------------------------------------------------- the model
+def test_parameters_come_from_the_real_modules():
+    """The meta build (shape-only spconv twins) has exactly the real CPU model's parameters."""
+    from pcdet_focal.builder import build_network
+    from pcdet_focal.memory.build import build_model, dataset_stub
+    cfg = _shipped('focalsst_dsvt_demo.yaml')
+    meta, _ = build_model(cfg)
+    real = build_network(cfg.MODEL, 3, dataset_stub(cfg))
+    shapes = {k: tuple(v.shape) for k, v in real.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in meta.state_dict().items()} == shapes
+    assert all(p.is_meta for p in meta.parameters())
+    e = estimate(cfg, frames=0)
+    assert e.params == sum(p.numel() for p in real.parameters())
+    rows = {r.name: r for r in e.rows}
+    assert rows['BACKBONE_2D BaseBEVBackbone'].params == \
+        sum(p.numel() for p in real.backbone_2d.parameters())
+
+
+@BACKBONE_2D.register(name='_NoRuleBackbone')
+class NoRule(torch.nn.Module):
+    """A BEV backbone without a memory rule (the CLI test imports it via PCDET_FOCAL_PLUGINS)."""
+
+    def __init__(self, model_cfg, input_channels, **kwargs):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(input_channels, 8, 1)
+        self.num_bev_features = 8
+
+
+def test_a_module_without_a_rule_gives_no_estimate(tmp_path):
+    cfg = _shc_config()
+    cfg.MODEL.BACKBONE_2D = {'NAME': '_NoRuleBackbone'}
+    e = estimate(cfg, frames=0)
+    assert e.peak_bytes is None and e.not_modelled == ['BACKBONE_2D NoRule']
+    v = check_fits(cfg, vram_gib=80, frames=0)
+    assert v.word == 'NOT_MODELLED' and not v.fits and 'NoRule' in v.summary()
+    # the CLI: exit 3, one line naming it, JSON estimate null
+    path = _write(tmp_path, 'norule.yaml', cfg)
+    code, out, _ = _run_tool(['--cfg', path, '--vram', 80, '--frames', 0, '--json'],
+                             env={'PCDET_FOCAL_PLUGINS': 'test_estimator'})
+    doc = yaml.safe_load(out)
+    assert code == 3 and doc['estimate'] is None and doc['not_modelled'] == ['BACKBONE_2D NoRule']
+
+
+def _run_tool(args, env=None, cwd=None):
+    full = dict(os.environ, PYTHONPATH=str(ROOT / 'tests'), **(env or {}))
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'estimate_mem.py'),
+                           *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env=full, cwd=cwd)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+# ---------------------------------------------------------------------------- counts
+def test_counts_come_from_frames_of_the_configured_dataset():
+    from pcdet_focal.data.dataset import build_dataset
+    cfg = _shipped('focalsst_dsvt_demo.yaml')
+    prep = prepare(cfg, frames=3)
+    counts = prep.counts
+    dataset = build_dataset(cfg.DATA_CONFIG, cfg.CLASS_NAMES, training=True)
+    sizes = []
+    for i in counts.indices:            # the reference: the dataset's own items, same seeds
+        np.random.seed(i)
+        sizes.append(len(dataset[i]['voxel_coords']))
+    assert len(counts.frames) == 3 and counts.per_sample == max(sizes)
+    assert counts.median == sorted(sizes)[1]
+    assert 'densest of 3 frames' in counts.source
+    e = estimate(cfg, prepared=prep)
+    assert any('a frame denser than the densest of the 3 seen' in n for n in e.notes)
+    capped = estimate(cfg, frames=0)
+    assert capped.voxels.per_sample == 16000 and capped.peak_bytes > e.peak_bytes
+
+
+def test_counts_from_real_kitti_frames(kitti_mini):
+    cfg = _shipped('focalsst_dsvt.yaml')
+    prep = prepare(cfg, frames=4)
+    assert prep.counts.per_sample > 0      # (the synthetic default: switch to KITTI below)
+    from pcdet_focal.config_schema import load_checked
+    kitti = load_checked(ROOT / 'cfgs' / 'focalsst_dsvt.yaml',
+                         ['DATA_CONFIG.DATASET', 'KittiDataset', 'DATA_CONFIG.DATA_PATH',
+                          str(kitti_mini)])
+    counts = prepare(kitti, frames=4).counts
+    assert 'densest of 3 frames' in counts.source     # kitti_mini's train split: 3 frames
+    assert 10_000 < counts.per_sample < 32_000        # real scans at this grid: ~20k voxels
+
+
+def test_data_not_on_disk_falls_back_to_the_caps(tmp_path):
+    from pcdet_focal.config_schema import load_checked
+    cfg = load_checked(ROOT / 'cfgs' / 'focalsst_dsvt_demo.yaml',
+                       ['DATA_CONFIG.DATASET', 'KittiDataset', 'DATA_CONFIG.DATA_PATH',
+                        str(tmp_path / 'absent')])
+    counts = prepare(cfg).counts
+    assert counts.data_frames == [] and counts.per_sample == 16000
+    assert "MAX_NUMBER_OF_VOXELS['train']" in counts.source and 'could not be read' in \
+        counts.source
+    assert counts.synthetic and 'synthetic street scan' in counts.describe()
+
+
+def _columns_per_voxel(cells):
+    return len(np.unique(cells[:, 1] * 100_000 + cells[:, 2])) / len(cells)
+
+
+def test_without_frames_the_caps_sit_like_a_lidar_scan(kitti_mini):
+    """The cap's voxels are laid out as a synthetic street scan: exactly the cap, distinct,
+    inside the grid, and as clustered as real KITTI frames at the same grid (occupied BEV
+    columns per voxel), far from voxels spread uniformly (which the estimator used to assume)."""
+    from pcdet_focal.data.processor import voxel_geometry
+    from pcdet_focal.memory.counts import _voxel_cells, from_caps
+    geom = voxel_geometry(_shipped('focalsst_dsvt.yaml').DATA_CONFIG)
+    counts = from_caps(geom)
+    cells = counts.frames[0]
+    assert counts.per_sample == len(cells) == 32_000 == len(np.unique(cells, axis=0))
+    assert (cells >= 0).all() and (cells < np.array(geom.grid_size[::-1])).all()
+    real = [_columns_per_voxel(_voxel_cells(
+        np.fromfile(f, np.float32).reshape(-1, 4).astype(np.float64), geom))
+        for f in sorted((kitti_mini / 'training' / 'velodyne').glob('*.bin'))]
+    nx, ny, _ = geom.grid_size
+    uniform = nx * ny * -np.expm1(32_000 * np.log1p(-1 / (nx * ny))) / 32_000
+    assert 0.8 * min(real) <= _columns_per_voxel(cells) <= max(real) < uniform / 1.5
+
+
+def test_an_unbounded_count_never_fits():
+    cfg = _shipped('focalsst_dsvt_demo.yaml')
+    cfg.MODEL.BACKBONE_3D.FOCAL_ENCODER.MAX_NEW_VOXELS_RATIO = None
+    e = estimate(cfg, frames=2)
+    assert not e.bounded and e.unbounded[0][0].endswith('FOCAL_ENCODER.MAX_NEW_VOXELS_RATIO')
+    v = check_fits(cfg, vram_gib=1000, frames=2)
+    assert v.word == 'UNBOUNDED' and not v.fits
+    assert 'MAX_NEW_VOXELS_RATIO' in v.summary()
+
+
+# ---------------------------------------------------------------------------- the CUDA stack
+@pytest.mark.parametrize('stack, native', [
+    ('torch2.3.0+cudnn8.9.2', True),     # the users' report
+    ('torch2.4.1+cudnn9.3.0', True),     # torch <= 2.4 never asks cuDNN
+    ('torch2.6.0', True),                # its wheel's cuDNN 9.1 < 9.3
+    ('torch2.5.0+cudnn9.3.0', False),
+    ('torch2.7.0', False),               # wheel cuDNN 9.5.1
+])
+def test_large_conv_path_follows_the_stack(stack, native):
+    s = cuda.Stack.parse(stack)
+    cols = s.conv_columns_bytes(22400, 9, 200, 500, 4, 22400 * 202 * 502, 128 * 200 * 500,
+                                'cuda')
+    assert cols == (22400 * 9 * 200 * 500 * 4 if native else 0)
+    # below 2^31 elements per sample cuDNN always runs it
+    assert s.conv_columns_bytes(128, 9, 200, 500, 4, 128 * 200 * 500, 128 * 200 * 500,
+                                'cuda') == 0
+
+
+def test_bad_stack_is_one_line():
+    with pytest.raises(ConfigError, match='name a stack as torchX.Y.Z'):
+        cuda.Stack.parse('pytorch-latest')
+
+
+def test_seed_config_rejected_on_the_users_stack():
+    cfg = _shipped('focalsst_dsvt_dense_hc.yaml')
+    e = estimate(cfg, frames=2, stack=USERS)
+    cols = 22400 * 9 * 200 * 500 * 4           # unfolded input of Conv2d(22400, 128, 3)
+    assert e.flattened_bev_channels == 22400 and e.transient_bytes == cols
+    assert f'{cols / GIB:.2f}' == '75.10' and 'BACKBONE_2D' in e.transient_module
+    for vram in (24, 80):
+        v = check_fits(cfg, vram_gib=vram, frames=2, stack=USERS)
+        assert v.word == 'REJECT' and '75.10 GiB' in v.summary()
+    # on a stack that runs it in cuDNN the columns disappear, the densified volume stays
+    recent = estimate(cfg, frames=2, stack=cuda.Stack.parse('torch2.7.0'))
+    assert recent.transient_bytes < cols and recent.peak_bytes < e.peak_bytes - 60 * GIB
+
+
+def test_fixed_config_fits_24_gib():
+    cfg = _shipped('focalsst_dsvt.yaml')
+    v = check_fits(cfg, vram_gib=24, frames=2)
+    assert v.word == 'FITS' and v.max_batch_size >= 1
+    nxt = check_fits(cfg, batch_size=v.max_batch_size + 1, vram_gib=24, frames=2,
+                     suggest=False)
+    assert not nxt.fits       # the search is exact on the estimate
+
+
+def test_allocator_simulation_by_hand():
+    mib = 2 ** 20
+    events = [('alloc', 'a', 3 * mib),     # 1-10 MiB: a new 20 MiB segment
+              ('alloc', 'b', 5 * mib),     # split from its free 17 MiB: 12 MiB stay free
+              ('alloc', 'c', 14 * mib),    # no free block fits: its own 14 MiB segment
+              ('free', 'c'), ('alloc', 'd', 13 * mib),   # best fit: c's block, 34 MiB stay
+              ('alloc', 'e', 12 * mib)]    # the 12 MiB left of the first segment
+    assert cuda.reserved_peak(events) == (34 * mib, True)
+    assert cuda.reserved_peak(events, capacity=25 * mib) == (34 * mib, False)
+    # cached empty segments are released before an allocation fails (as PyTorch does)
+    events = [('alloc', 'a', 12 * mib), ('free', 'a'), ('alloc', 'b', 14 * mib)]
+    assert cuda.reserved_peak(events, capacity=20 * mib) == (14 * mib, True)
+    assert cuda.round_block(1) == 512 and cuda.round_block(513) == 1024
+
+
+# ---------------------------------------------------------------------------- suggestions
+def test_every_suggestion_is_reestimated_and_fits(tmp_path):
+    cfg = _shipped('focalsst_dsvt_dense_hc.yaml')
+    v = check_fits(cfg, vram_gib=24, frames=2, stack=USERS)
+    assert v.word == 'REJECT' and v.suggestions
+    for s in v.suggestions:
+        again = estimate(s.cfg, batch_size=s.batch_size, amp=s.amp, frames=2, stack=USERS)
+        assert again.peak_bytes == s.peak_bytes and s.required_bytes <= 24 * GIB
+    kinds = {s.kind for s in v.suggestions}
+    assert 'map_to_bev' in kinds and 'dsvt_z_stride' in kinds
+    titles = ' '.join(s.title for s in v.suggestions)
+    assert '128 BEV channels instead of 22400' in titles
+
+
+def test_no_accumulation_or_input_downsample_suggested_where_the_host_ignores_them():
+    cfg = _shipped('focalsst_dsvt.yaml')
+    prep = prepare(cfg, frames=0)
+    e = estimate(cfg, batch_size=8, prepared=prep)
+    calls = []
+
+    def trial(kind, title, changes, batch_size=None, amp=None):
+        calls.append(changes)
+    prep.host = 'pcdet'
+    _batch(trial, e, 2, prep.host)
+    assert calls == [{'OPTIMIZATION.BATCH_SIZE_PER_GPU': 2}]
+    prep.host = 'standalone'
+    _batch(trial, e, 2, prep.host)
+    assert calls[-1]['OPTIMIZATION.ACCUMULATION_STEPS'] == 4
+    # input_downsample only for our DSVT (OpenPCDet's ignores the key)
+    assert _dsvt_prefix(prep.model, cfg) == 'MODEL.BACKBONE_3D.DSVT'
+    prep.model.backbone_3d.dsvt = torch.nn.Identity()
+    assert _dsvt_prefix(prep.model, cfg) is None
+
+
+def test_z_stride_changes_keep_the_config_consistent():
+    cfg = _shipped('focalsst_dsvt_dense_hc.yaml')
+    changes, d_old, d_new = z_stride_changes(cfg, 'MODEL.BACKBONE_3D.DSVT', 4)
+    assert (d_old, d_new) == (175, 44)              # ceil(175 / 4)
+    il = changes['MODEL.BACKBONE_3D.DSVT.INPUT_LAYER']
+    assert il['input_downsample'] == [1, 1, 4] and il['window_shape'][0][2] == 44
+    assert changes['MODEL.MAP_TO_BEV.NUM_BEV_FEATURES'] == 128 * 44
+
+
+def test_write_fixed_is_a_small_config_over_the_original(tmp_path):
+    cfg = _shipped('focalsst_dsvt_dense_hc.yaml')
+    v = check_fits(cfg, vram_gib=24, frames=0, stack=USERS)
+    out = tmp_path / 'sub' / 'fixed.yaml'
+    out.parent.mkdir()
+    s = write_fixed(v, out)
+    text = out.read_text()
+    doc = yaml.safe_load(text)
+    assert not os.path.isabs(doc['_BASE_CONFIG_']) and 'CFG_SEARCH_DIRS' not in text
+    assert 'CFG_FILE' not in text and 'DATA_PATH' not in text
+    # loads from any folder (the base resolves against the file), and fits
+    code, out_text, _ = _run_tool(['--cfg', out, '--vram', 24, '--frames', 0,
+                                   '--target', cuda.USERS_STACK], cwd='/')
+    assert code == 0, out_text
+    fixed = load_config(out)
+    assert fixed.MODEL.MAP_TO_BEV.NAME == s.cfg.MODEL.MAP_TO_BEV.NAME
+
+
+# ---------------------------------------------------------------------------- the rest
+def test_peak_grows_with_batch_and_amp_and_ddp_add_up():
+    cfg = _shipped('focalsst_dsvt.yaml')
+    prep = prepare(cfg, frames=0)
+    p1, p2 = (estimate(cfg, batch_size=b, prepared=prep).peak_bytes for b in (1, 2))
+    # activations double, parameters / gradients / optimizer state do not
+    assert p1 < p2 < 2 * p1
+    assert estimate(cfg, batch_size=1, amp=True, prepared=prep).peak_bytes < p1
+    ddp = estimate(cfg, batch_size=1, world_size=4, prepared=prep)
+    assert ddp.ddp_bytes == ddp.param_bytes and ddp.peak_bytes == p1 + ddp.param_bytes
+    # NCCL's buffers live outside the allocator: added to what the card must hold, not the peak
+    single = estimate(cfg, batch_size=1, prepared=prep)
+    extra = needed(ddp) - needed(single)
+    assert abs(extra - (ddp.param_bytes * (1 + ALLOCATOR_SLACK) + NCCL_BUFFERS)) <= 2
+
+
+@pytest.mark.parametrize('batch', [0, -1, 1.5, True])
+def test_bad_batch_size(batch):
+    with pytest.raises(ConfigError, match='batch size must be a positive integer'):
+        estimate(_shc_config(), batch_size=batch, frames=0)
+
+
 def test_invalid_module_config_names_both_fields():
     with pytest.raises(ConfigError) as err:
-        estimate(_shc_config('max', nbf=32))
+        estimate(_shc_config('max', nbf=32), frames=0)
     msg = str(err.value)
     assert 'NUM_BEV_FEATURES=32' in msg and 'MODE=max' in msg and 'C=64' in msg
-    estimate(_shc_config('learned', nbf=32))   # learned may change the width
+    estimate(_shc_config('learned', nbf=32), frames=0)   # learned may change the width
 
 
 def test_height_compression_channel_mismatch():
     cfg = _shc_config()
     cfg.MODEL.MAP_TO_BEV = EasyDict({'NAME': 'HeightCompression', 'NUM_BEV_FEATURES': 64})
     # 7 m / 0.2 = 35 height bins x 64 channels
-    with pytest.raises(ConfigError, match='C\\*D = 64\\*35 = 2240'):
-        estimate(cfg)
+    with pytest.raises(ConfigError, match=r'C\*D = 64\*35 = 2240'):
+        estimate(cfg, frames=0)
 
 
-def test_im2col_cliff_starts_at_2_pow_31_elements():
-    """A BEV conv input of C*H*W elements per sample: no columns buffer below 2^31."""
-    def conv_transient(h, w, c=128, d=175):
-        cfg = _shc_config()
-        cfg.DATA_CONFIG.POINT_CLOUD_RANGE = [0, 0, 0, w * 0.2, h * 0.2, d * 0.04]
-        cfg.DATA_CONFIG.DATA_PROCESSOR[1].VOXEL_SIZE = [0.2, 0.2, 0.04]
-        cfg.MODEL.BACKBONE_3D.NUM_FILTERS = [16, c]
-        cfg.MODEL.MAP_TO_BEV = EasyDict({'NAME': 'HeightCompression', 'NUM_BEV_FEATURES': c * d})
-        e = estimate(cfg, voxels=1000)
-        return e, [r for r in e.rows if r.name.startswith('BACKBONE_2D')][0]
-
-    # the conv reads the ZeroPad2d(1) output: 22400 * 202 * (470 + 2) = 2,135,705,600 < 2^31 - 1
-    # but 22400 * 202 * (480 + 2) = 2,180,953,600 > 2^31 - 1
-    _, below = conv_transient(200, 470)
-    assert 'im2col' not in below.transient_label
-    _, above = conv_transient(200, 480)
-    assert above.transient == 22400 * 9 * 200 * 480 * 4
+def test_amp_measure_on_cpu_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA device measures AMP for real')
+    path = _write(tmp_path, 'small.yaml', _shc_config())
+    code, _, err = _run_tool(['--cfg', path, '--amp', '--measure'])
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and '--amp --measure needs a CUDA device' in lines[0]
 
 
-# ---------------------------------------------------------------------------- suggestions
-def test_z_stride_changes_keep_the_config_consistent():
-    cfg = load_config(ROOT / 'cfgs' / 'focalsst_dsvt_dense_hc.yaml')
-    changes, d_old, d_new = z_stride_changes(cfg, 4)
-    assert (d_old, d_new) == (175, 44)              # ceil(175 / 4)
-    il = changes['MODEL.BACKBONE_3D.DSVT.INPUT_LAYER']
-    assert il['input_downsample'] == [1, 1, 4]
-    assert il['window_shape'][0][2] == 44           # the whole-height window follows
-    assert changes['MODEL.MAP_TO_BEV.NUM_BEV_FEATURES'] == 128 * 44
+def test_trained_focal_growth_from_a_checkpoint(tmp_path):
+    """--ckpt: growth measured with the checkpoint's importance head. A head that marks
+    nothing important adds no voxel; one that marks everything adds what the cap allows (the
+    reference: distinct empty in-grid neighbour cells, counted with numpy)."""
+    from pcdet_focal.builder import build_network
+    from pcdet_focal.data.dataset import build_dataset
+    from pcdet_focal.engine.checkpoint import build_checkpoint, save_checkpoint
+    from pcdet_focal.memory.build import dataset_stub
+    from pcdet_focal.memory.counts import trained_focal_growth
+    cfg = _shipped('focalsst_dsvt_demo.yaml')
+    prep = prepare(cfg, frames=2)
 
+    def ds(data_cfg, names):
+        return build_dataset(data_cfg, names, training=True)
 
-def test_write_fixed_config_loads_and_fits(tmp_path):
-    cfg = load_config(ROOT / 'cfgs' / 'focalsst_dsvt_dense_hc.yaml')
-    v = check_fits(cfg, vram_gib=24)
-    out = tmp_path / 'fixed.yaml'
-    s = write_fixed(v, out)
-    fixed = load_config(out)
-    assert '_BASE_CONFIG_' not in out.read_text()
-    assert fixed.MODEL.MAP_TO_BEV.NAME == s.cfg.MODEL.MAP_TO_BEV.NAME
-    assert check_fits(fixed, vram_gib=24).fits
+    def growth(bias):
+        model = build_network(cfg.MODEL, 3, dataset_stub(cfg))
+        for blk in model.backbone_3d.focal_encoder.blocks:
+            blk.conv_imp.weight.data.zero_()
+            blk.imp_bias.data.fill_(bias)
+        path = tmp_path / f'bias{bias}.pth'
+        save_checkpoint(build_checkpoint(model), path)
+        return trained_focal_growth(cfg, prep.counts, path, 'standalone', ds)
 
-
-def test_batch_suggestion_keeps_the_effective_batch():
-    cfg = load_config(ROOT / 'cfgs' / 'focalsst_dsvt.yaml')
-    one = estimate(cfg, batch_size=1).peak_bytes
-    v = check_fits(cfg, batch_size=8, vram_gib=one * 3.2 / GIB)
-    assert not v.fits
-    s = [x for x in v.suggestions if x.kind == 'batch_size'][0]
-    b = s.changes['OPTIMIZATION.BATCH_SIZE_PER_GPU']
-    assert s.fits and 1 <= b < 8 and b == v.max_batch_size
-    assert b * s.changes['OPTIMIZATION.ACCUMULATION_STEPS'] >= 8
-
-
-def test_no_budget_means_estimate_only():
-    v = check_fits(_shc_config(), vram_gib=None, target='cuda')
-    if v.has_budget:      # a CUDA machine: judged against its card
-        pytest.skip('a CUDA device is present')
-    assert v.fits and v.max_batch_size is None
-    assert v.summary().startswith('ESTIMATE ONLY')
-
-
-def test_peak_grows_with_batch_and_amp_saves_memory():
-    cfg = load_config(ROOT / 'cfgs' / 'focalsst_dsvt.yaml')
-    p1, p2 = (estimate(cfg, batch_size=b).peak_bytes for b in (1, 2))
-    # activations double, parameters / gradients / optimizer state do not
-    assert p1 < p2 < 2 * p1
-    assert estimate(cfg, batch_size=1, amp=True).peak_bytes < p1
-
-
-def test_data_counts_from_the_configured_dataset():
-    """--data N: the estimate takes the largest voxel count of N real frames."""
-    from pcdet_focal.memory.voxels import count_dataset_voxels
-    cfg = load_config(ROOT / 'cfgs' / 'focalsst_dsvt_demo.yaml')
-    stats = count_dataset_voxels(cfg, 2)
-    cap = cfg.DATA_CONFIG.DATA_PROCESSOR[-1].MAX_NUMBER_OF_VOXELS['train']
-    assert stats['frames'] == 2 and 0 < stats['mean'] <= stats['max'] <= cap
-    e = estimate(cfg, batch_size=1, data_counts=stats)
-    assert e.voxels.per_sample == stats['max'] and '--data' in e.voxels.source
-    assert e.peak_bytes < estimate(cfg, batch_size=1, voxels=cap).peak_bytes
+    quiet = growth(-20.0)
+    assert [[(m, s) for _, m, s in frames] for frames in quiet] == [[(0, 0), (0, 0)]]
+    busy = growth(20.0)
+    d, h, w = 16, 128, 128
+    for frame, (union, m, s) in zip(prep.counts.frames, busy[0]):
+        cells = {tuple(v) for v in frame.tolist()}
+        empty = set()
+        for z, y, x in cells:
+            for dz in (-1, 0, 1):
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        c = (z + dz, y + dy, x + dx)
+                        if 0 <= c[0] < d and 0 <= c[1] < h and 0 <= c[2] < w and c not in cells:
+                            empty.add(c)
+        assert m == min(len(frame), len(empty))       # MAX_NEW_VOXELS_RATIO 1.0
+        assert len(union) == len(frame) + m
+    worst = estimate(cfg, prepared=prep)
+    none = estimate(cfg, prepared=prep, observed={'focal_frames': quiet})
+    assert none.peak_bytes < worst.peak_bytes
+    assert any('trained importance head' in line for line in none.geometry)

@@ -1,15 +1,20 @@
 """The one call behind ``tools/estimate_mem.py``: validate its arguments, estimate, judge,
 suggest, optionally measure and write the fixed config, print table or JSON.
 
-Exit codes: 0 FITS (or no budget given: estimate printed only), 2 REJECT, 1 bad input.
+Exit codes: 0 FITS (or no budget given: estimate printed only), 2 REJECT (or UNBOUNDED: a
+count without a bound never FITS), 3 NOT MODELLED (a module without a memory rule: no partial
+estimate is given), 1 bad input.
 """
 import json
 import sys
 
-from ..config import apply_set, load_config
+from ..config_schema import load_checked
+from ..schema import allow_unknown_keys
 from ..errors import ConfigError
 
-EXIT_FITS, EXIT_BAD_INPUT, EXIT_REJECT = 0, 1, 2
+EXIT_FITS, EXIT_BAD_INPUT, EXIT_REJECT, EXIT_NOT_MODELLED = 0, 1, 2, 3
+EXIT_CODES = {'FITS': EXIT_FITS, 'ESTIMATE': EXIT_FITS, 'REJECT': EXIT_REJECT,
+              'UNBOUNDED': EXIT_REJECT, 'NOT_MODELLED': EXIT_NOT_MODELLED}
 
 
 def _int(text, flag, minimum=1):
@@ -38,42 +43,87 @@ def _float(text, flag, allow_zero=False):
     return value
 
 
+def _plot(cfg, verdict, path, **assume):
+    """--plot: the same estimate with its timeline, drawn with the verdict's budget."""
+    from ..viz.memory import draw_memory
+    from .estimator import estimate
+    if not str(path).lower().endswith('.png'):
+        raise ConfigError(f'--plot writes a PNG: give a file name ending in .png, got {path!r}')
+    if verdict.estimate.peak_bytes is None:
+        return None
+    timed = estimate(cfg, batch_size=verdict.estimate.batch_size, timeline=True, **assume)
+    return draw_memory(timed, path, verdict.budget_bytes, verdict.word)
+
+
+def _target(text, measure):
+    """--target -> (kernel target, CUDA stack)."""
+    from . import cuda
+    if text in (None, 'cuda'):
+        if text is None and measure:
+            from .measure import measure_device
+            kind = measure_device().type
+        else:
+            kind = 'cuda'
+        return kind, cuda.Stack.installed()
+    if text == 'cpu':
+        return 'cpu', cuda.Stack.installed()
+    return 'cuda', cuda.Stack.parse(text)
+
+
+def _host(choice):
+    from ..backend import activate_backend
+    return activate_backend(choice or 'auto')
+
+
 def run(args, out=None):
     """Run tools/estimate_mem.py's parsed ``args`` (an argparse Namespace); returns the exit
     code. Argument values are validated here (bad ones raise ConfigError, exit 1)."""
+    from .estimator import prepare
     from .measure import measure_config
     from .report import verdict_json, verdict_lines
     from .suggest import write_fixed
     from .verdict import check_fits
-    from .voxels import count_dataset_voxels
 
     out = out or sys.stdout
     batch = _int(args.batch_size, '--batch_size')
     vram = _float(args.vram, '--vram')
     voxels = _int(args.voxels, '--voxels')
-    frames = _int(args.data, '--data')
-    growth = None
-    if getattr(args, 'focal_growth', None) is not None:
-        growth = _float(args.focal_growth, '--focal-growth', allow_zero=True)
-    cfg = load_config(args.cfg)
-    apply_set(cfg, args.set_cfgs or [])
-    data_counts = count_dataset_voxels(cfg, frames) if frames else None
-    target = args.target
-    if target is None:
-        target = 'cuda'
-        if args.measure:
-            from .measure import measure_device
-            target = measure_device().type
-    verdict = check_fits(cfg, batch_size=batch, vram_gib=vram, amp=args.amp, voxels=voxels,
-                         target=target, data_counts=data_counts, focal_growth=growth)
-    measured = measure_config(cfg, verdict.estimate) if args.measure else None
+    frames = _int(args.frames, '--frames', minimum=0)
+    gpus = _int(args.gpus, '--gpus')
+    target, stack = _target(args.target, args.measure)
+    if args.measure and args.amp and target == 'cpu':
+        raise ConfigError('--amp --measure needs a CUDA device: on the CPU the step would run '
+                          'in fp32 (spconv has no CPU autocast), so it could not check an AMP '
+                          'estimate; drop --amp, or measure on a GPU')
+    if getattr(args, 'allow_unknown_keys', False):
+        allow_unknown_keys(True)
+    host = _host(args.backend)     # first: on the pcdet host its classes check the config
+    cfg = load_checked(args.cfg, args.set_cfgs or [], training=True)
+    prepared = prepare(cfg, host, voxels=voxels, frames=frames)
+    assume = dict(target=target, stack=stack, world_size=gpus)
+    if getattr(args, 'ckpt', None):
+        from .. import backend
+        from .counts import trained_focal_growth
+
+        def build_dataset(data_cfg, class_names):
+            return backend.build_dataset(data_cfg, class_names, True, host)
+        assume['observed'] = {'focal_frames': trained_focal_growth(
+            cfg, prepared.counts, args.ckpt, host, build_dataset)}
+    verdict = check_fits(cfg, batch_size=batch, vram_gib=vram, amp=args.amp, prepared=prepared,
+                         **assume)
+    plotted = _plot(cfg, verdict, args.plot, amp=args.amp, prepared=prepared, **assume) \
+        if getattr(args, 'plot', None) else None
+    measured = measure_config(cfg, verdict.estimate, prepared) \
+        if args.measure and verdict.estimate.peak_bytes is not None else None
     written = None
-    if args.write_fixed and verdict.has_budget and not verdict.fits:
+    if args.write_fixed and verdict.word in ('REJECT', 'UNBOUNDED'):
         written = write_fixed(verdict, args.write_fixed)
     if args.json:
         doc = verdict_json(verdict)
         if measured is not None:
             doc['measure'] = measured.as_dict()
+        if getattr(args, 'plot', None):
+            doc['plot'] = str(plotted) if plotted else None
         if args.write_fixed:
             doc['written'] = ({'path': args.write_fixed, 'suggestion': written.title}
                               if written else None)
@@ -84,9 +134,9 @@ def run(args, out=None):
             lines += [''] + measured.lines()
         if args.write_fixed:
             lines.append(f'wrote {args.write_fixed}: {written.title}' if written else
-                         f'--write-fixed: nothing written (the config '
-                         f'{"fits" if verdict.fits else "has no budget to check"})')
+                         '--write-fixed: nothing written (the config '
+                         f'{"fits" if verdict.fits else "has no fitting suggestion"})')
+        if plotted:
+            lines.append(f'wrote {plotted}')
         print('\n'.join(lines), file=out)
-    if verdict.has_budget and not verdict.fits:
-        return EXIT_REJECT
-    return EXIT_FITS
+    return EXIT_CODES[verdict.word]

@@ -1,7 +1,7 @@
 """A symbolic autograd tape: replays one training step's allocations without any tensor.
 
-Module memory models (``memory/modules/*.py``) describe their forward as a sequence of ops on
-:class:`SymTensor` s (sizes only). :class:`Graph` keeps PyTorch's lifetime rules:
+Module memory rules (a ``memory(tape, flow)`` method beside each module, see tape.py) describe
+their forward as a sequence of ops on :class:`SymTensor` s (sizes only). :class:`Graph` keeps PyTorch's lifetime rules:
 
 - a tensor lives while a Python reference (a local variable, ``batch_dict``, a module attribute)
   or an autograd node that saved it holds it;
@@ -12,8 +12,10 @@ Module memory models (``memory/modules/*.py``) describe their forward as a seque
   ``forward_ret_dict``) lives until the same module's next forward replaces it.
 
 The graph records the live byte count after every event, so the peak, where it happened, and
-each module's share fall out of the replay. Bytes are exact products of shapes and dtype sizes;
-nothing here imports torch.
+each module's share fall out of the replay. Bytes are exact products of shapes and dtype sizes
+(rounded up to the CUDA caching allocator's 512-byte blocks with ``block_round``); nothing here
+imports torch. With ``events`` a list, every allocation and release is logged with a key for
+the allocator simulation (cuda.reserved_peak).
 """
 from dataclasses import dataclass, field
 
@@ -94,12 +96,10 @@ class Peak:
 class Graph:
     """Replays allocations of one training step. ``amp`` = fp16 autocast for matmul/conv ops."""
 
-    def __init__(self, amp=False, params_preloaded=False, target='cuda'):
+    def __init__(self, amp=False, target='cuda', block_round=None):
         self.amp = bool(amp)
         self.target = target              # 'cuda' or 'cpu': whose kernels' buffers to model
-        # params_preloaded: the caller already allocated every parameter (steady state: they
-        # exist before the step starts), so param() only records them
-        self.params_preloaded = bool(params_preloaded)
+        self.block_round = block_round    # nbytes -> allocator block size (None: exact bytes)
         self.float_bytes = FP32
         self.live = 0
         self.peak = Peak()
@@ -113,8 +113,6 @@ class Graph:
         self._prior_state = {}            # module -> [SymTensor] from the previous step
         self._created = {}                # module -> [SymTensor] created during its forward
         self.param_tensors = []
-        self.param_bytes = 0              # trainable parameters
-        self.buffer_bytes = 0             # parameters that do not train + BN running stats
         self.phase_peaks = {}
         self._ckpt = None                 # open checkpoint region (first node, first id)
         self.debug = False                # keep a snapshot of the live tensors at the peak
@@ -123,6 +121,8 @@ class Graph:
         # when a list: one (live bytes, phase, module, label) entry per allocation or release,
         # in replay order (what tools/estimate_mem.py --plot draws)
         self.timeline = None
+        self.events = None                # ('alloc', key, bytes) / ('free', key) when a list
+        self._keys = 0
 
     # ----------------------------------------------------------------- bookkeeping
     def _record(self, label=''):
@@ -142,14 +142,25 @@ class Graph:
             elif self.phase == 'backward':
                 st.bwd_peak = max(st.bwd_peak, self.live)
 
-    def _alloc(self, nbytes, label):
+    def _size(self, nbytes):
+        return self.block_round(nbytes) if self.block_round else int(nbytes)
+
+    def _key(self):
+        self._keys += 1
+        return ('k', self._keys)
+
+    def _alloc(self, nbytes, label, key=None):
         self.live += int(nbytes)
         self._record(label)
         self._mark(label)
+        if self.events is not None and nbytes:
+            self.events.append(('alloc', key or self._key(), int(nbytes)))
 
-    def _release(self, nbytes, label=''):
+    def _release(self, nbytes, label='', key=None):
         self.live -= int(nbytes)
         self._mark(label)
+        if self.events is not None and key is not None:
+            self.events.append(('free', key))
 
     def _mark(self, label):
         if self.timeline is not None:
@@ -158,7 +169,7 @@ class Graph:
     def _maybe_free(self, t):
         if not t.freed and t.py <= 0 and t.saved <= 0:
             t.freed = True
-            self._release(t.nbytes, t.label)
+            self._release(t.nbytes, t.label, ('t', t.tid))
             self._live_tensors.pop(t.tid, None)
 
     def _note_temp(self, nbytes, label, module=None):
@@ -226,28 +237,23 @@ class Graph:
         """A new tensor held by one Python reference (drop it with :meth:`drop`)."""
         t = SymTensor(self._next_id, max(0, int(numel)), dtype_bytes, label, self.module,
                       requires_grad=requires_grad)
+        t.nbytes = self._size(t.nbytes)
         self._next_id += 1
         self._created.setdefault(self.module, []).append(t)
         if self.debug:
             self._live_tensors[t.tid] = t
-        self._alloc(t.nbytes, label)
+        self._alloc(t.nbytes, label, ('t', t.tid))
         return t
 
     def param(self, numel, label, trainable=True):
-        """A parameter (or buffer when ``trainable`` is False) of the current module."""
+        """The SymTensor of a parameter: its memory is preloaded (parameters exist before the
+        step); a trainable one gets a gradient when the first op using it runs backward."""
         t = SymTensor(self._next_id, int(numel), FP32, label, self.module,
                       requires_grad=trainable, is_param=True)
+        t.nbytes = self._size(t.nbytes)
         self._next_id += 1
-        if not self.params_preloaded:
-            self.live += t.nbytes
-        st = self.modules[self.module]
-        st.param_bytes += t.nbytes
         if trainable:
-            st.params += int(numel)
             self.param_tensors.append(t)
-            self.param_bytes += t.nbytes
-        else:
-            self.buffer_bytes += t.nbytes
         return t
 
     def preload(self, nbytes, label):
@@ -258,9 +264,11 @@ class Graph:
 
     def temp(self, nbytes, label):
         """A buffer allocated and freed inside one op (workspace, im2col columns)."""
+        nbytes = self._size(nbytes)
         self._note_temp(nbytes, label)
-        self._alloc(nbytes, label)
-        self._release(int(nbytes))
+        key = self._key()
+        self._alloc(nbytes, label, key)
+        self._release(nbytes, '', key)
 
     def drop(self, *tensors):
         """Release one Python reference of each tensor (a local going out of scope)."""
@@ -303,7 +311,7 @@ class Graph:
         for mod, nbytes in state_bytes.items():
             t = SymTensor(self._next_id, nbytes, 1, f'{mod} state from the previous step', mod)
             self._next_id += 1
-            self._alloc(t.nbytes, t.label)
+            self._alloc(t.nbytes, t.label, ('t', t.tid))
             self._prior_state.setdefault(mod, []).append(t)
 
     # ----------------------------------------------------------------- ops
@@ -393,43 +401,66 @@ class Graph:
 
     # ----------------------------------------------------------------- backward / step
     def backward(self, loss):
-        """Replay ``loss.backward()``: reverse creation order, as autograd's engine does."""
+        """Replay ``loss.backward()``: reverse creation order, as autograd's engine does.
+
+        ``grads`` maps a tensor to (its share of bytes, the storage holding its gradient); a
+        storage (``store``: key -> views alive) is released when its last view is consumed."""
         self.phase = 'backward'
         loss.has_grad = True
-        self._alloc(loss.nbytes, 'loss grad')
-        grads = {loss.tid: loss.nbytes}
+        grads, store = {}, {}
+
+        def new_grad(t, label):
+            key = ('g', t.tid)
+            self._alloc(t.nbytes, label, key)
+            grads[t.tid], store[key] = (t.nbytes, key), 1
+
+        def consume(tid):
+            nbytes, key = grads.pop(tid, (0, None))
+            if key is not None:
+                store[key] -= 1
+            self._release(nbytes, '', key if key is not None and not store[key] else None)
+
+        new_grad(loss, 'loss grad')
         for node in reversed(self._nodes):
             if not any(o.tid in grads for o in node.outputs):
                 continue
             self.module = node.module
             if node.grad_alias:
                 # the inputs' gradients are views of the outputs' gradient: no new memory
-                pool = sum(grads.pop(o.tid, 0) for o in node.outputs)
+                pool, keys = 0, []
+                for o in node.outputs:
+                    nbytes, key = grads.pop(o.tid, (0, None))
+                    pool += nbytes
+                    if key is not None:
+                        keys.append(key)
+                        store[key] -= 1
                 for t in node.inputs:
-                    if t.tid not in grads:
+                    if t.tid not in grads and keys:
                         share = min(pool, t.nbytes)
-                        grads[t.tid] = share
+                        grads[t.tid] = (share, keys[0])
+                        store[keys[0]] += 1
                         pool -= share
+                for key in keys:
+                    self._release(0, '', key if not store[key] else None)
                 self._release(pool)
                 self._release_saved(node)
                 continue
             for t in node.inputs:
                 if t.tid not in grads:
-                    grads[t.tid] = t.nbytes
-                    self._alloc(t.nbytes, f'grad of {t.label}')
+                    new_grad(t, f'grad of {t.label}')
             for p in node.params:
                 if not p.has_grad:
                     p.has_grad = True
-                    self._alloc(p.nbytes, f'grad of {p.label}')
+                    self._alloc(p.nbytes, f'grad of {p.label}', ('pg', p.tid))
             if node.temp_bwd:
-                self._alloc(node.temp_bwd, node.temp_bwd_label)
-                self._release(node.temp_bwd)
+                key, size = self._key(), self._size(node.temp_bwd)
+                self._alloc(size, node.temp_bwd_label, key)
+                self._release(size, '', key)
             for o in node.outputs:
-                n = grads.pop(o.tid, 0)
-                self._release(n)
+                consume(o.tid)
             self._release_saved(node)
-        for n in grads.values():   # gradients of leaves that are not parameters
-            self._release(n)
+        for tid in list(grads):   # gradients of leaves that are not parameters
+            consume(tid)
         for node in self._nodes:   # nodes not reached by the loss free their saved tensors
             for t in node.saved:
                 t.saved -= 1
@@ -447,6 +478,7 @@ class Graph:
         """The optimizer step (gradients and states live) plus its temporaries."""
         self.phase = 'optimizer step'
         self.module = '(optimizer)'
-        self._alloc(temp_bytes, label)
-        self._release(int(temp_bytes))
+        key = self._key()
+        self._alloc(temp_bytes, label, key)
+        self._release(int(temp_bytes), '', key)
         self.phase = 'done'

@@ -1,26 +1,28 @@
-"""``--measure``: build the model, run real training steps on a synthetic batch, report the peak.
+"""``--measure``: build the model, run real training steps, report the peak beside the estimate.
 
-The synthetic batch has the estimate's batch size and voxel count per sample: distinct random
-voxels of the grid, each with 1..MAX_POINTS_PER_VOXEL points inside it, and a few boxes on
-occupied voxels. Two training steps run (forward, backward, gradient clipping, optimizer step,
+The batch: the densest counted frame of the configured data (real scenes, clustered as LiDAR
+returns are), batch_size times, through the real data pipeline. Without frames (no data on
+disk, or ``--voxels``) a batch of distinct uniformly random voxels of the estimate's count.
+Two training steps run (forward, backward, gradient clipping, optimizer step,
 zero_grad(set_to_none=True)), so the peak covers the steady state the estimate models (the
 second step runs with the optimizer state allocated by the first).
 
-Peak: CUDA ``torch.cuda.max_memory_allocated`` (every tensor the caching allocator hands out);
-CPU: the peak of live tensor bytes seen by :mod:`pcdet_focal.memory.tracker` (parameters,
-buffers and the batch included). Measuring is refused when the estimate exceeds the memory
-this machine has available.
+Peak: CUDA ``torch.cuda.max_memory_allocated`` (and ``max_memory_reserved``); CPU: the peak of
+live tensor bytes seen by :mod:`pcdet_focal.memory.tracker` (parameters, buffers and the batch
+included). The estimate is then redone at the counts the step produced (focal new voxels and
+spawns, DSVT voxels and sets, BEV columns): that error measures the memory model itself.
+Measuring is refused when the estimate exceeds the memory this machine has available, and
+under AMP on the CPU (tools/estimate_mem.py says so).
 """
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 from ..config import cfg_get
+from ..data.processor import voxel_geometry
 from ..errors import ConfigError
-from .geometry import geometry_from_config
 from .verdict import GIB, required_bytes
 
-GT_BOXES_PER_SAMPLE = 8
+GT_BOXES_PER_SAMPLE = 8      # boxes of a uniform random batch
 RAM_FRACTION = 0.8    # CPU: measure only when the estimate is below this share of free RAM
 
 
@@ -42,6 +44,8 @@ class Measurement:
     method: str
     estimate_bytes: int
     peak_bytes: object = None      # None when refused
+    reserved_bytes: object = None  # CUDA: max_memory_reserved
+    batch_source: str = ''
     matched_bytes: object = None
     refused: str = ''
     seconds: float = 0.0
@@ -61,13 +65,13 @@ class Measurement:
         if self.refused:
             return [f'measure: refused: {self.refused}']
         mib = 2 ** 20
-        out = [f'measure ({self.device}, {self.method}; batch {self.batch_size}, '
-               f'{self.voxels:,} voxels per sample, 2 training steps, {self.seconds:.1f} s):',
+        out = [f'measure ({self.device}, {self.method}; batch {self.batch_size}: '
+               f'{self.batch_source}; 2 training steps, {self.seconds:.1f} s):',
                f'  measured peak {self.peak_bytes / mib:,.1f} MiB; estimate at the measured '
                f'counts {self.matched_bytes / mib:,.1f} MiB (error {self.error:+.1%})']
         seen = [f'{k}={v}' for k, v in (self.observed or {}).items()]
-        if self.focal_new_voxels is not None:
-            seen.insert(0, f'focal new voxels={self.focal_new_voxels}')
+        if self.reserved_bytes:
+            out.append(f'  measured reserved {self.reserved_bytes / mib:,.1f} MiB')
         if seen:
             out.append('  measured counts used: ' + ', '.join(seen))
         out.append(f'  the estimate as configured (expected / assumed counts): '
@@ -76,6 +80,7 @@ class Measurement:
 
     def as_dict(self):
         return {'device': self.device, 'method': self.method, 'refused': self.refused or None,
+                'batch': self.batch_source, 'reserved_bytes': self.reserved_bytes,
                 'estimate_bytes': self.estimate_bytes, 'measured_bytes': self.peak_bytes,
                 'estimate_at_measured_counts_bytes': self.matched_bytes,
                 'relative_error': self.error, 'seconds': round(self.seconds, 2),
@@ -95,21 +100,6 @@ def available_ram():
     return None
 
 
-def dataset_stub(cfg):
-    """The attributes OpenPCDet's build_network reads from a dataset (no data on disk)."""
-    import numpy as np
-    geom = geometry_from_config(cfg)
-    return SimpleNamespace(
-        class_names=list(cfg.get('CLASS_NAMES') or []),
-        point_cloud_range=np.array(geom.point_cloud_range, dtype=np.float32),
-        voxel_size=np.array(geom.voxel_size, dtype=np.float32),
-        grid_size=np.array(geom.grid, dtype=np.int64),
-        depth_downsample_factor=None,
-        point_feature_encoder=SimpleNamespace(num_point_features=geom.num_point_features),
-        num_point_features=geom.num_point_features,
-        dataset_cfg=cfg.get('DATA_CONFIG'), training=True, mode='train')
-
-
 def _unique_voxels(rng, volume, n):
     import numpy as np
     picked = np.unique(rng.integers(0, volume, size=int(n * 1.2) + 16))
@@ -124,9 +114,9 @@ def synthetic_batch(cfg, batch_size, voxels, seed=0):
     voxel_coords (N, 4) [b, z, y, x]; voxels (N, max_points, C) with the points of each voxel
     inside it (padding rows zero); points (P, 1 + C); gt_boxes (B, M, 8) on occupied voxels."""
     import numpy as np
-    geom = geometry_from_config(cfg)
+    geom = voxel_geometry(cfg.DATA_CONFIG)
     rng = np.random.default_rng(seed)
-    nx, ny, nz = geom.grid
+    nx, ny, nz = geom.grid_size
     lo = np.array(geom.point_cloud_range[:3], dtype=np.float32)
     vs = np.array(geom.voxel_size, dtype=np.float32)
     c, maxp = geom.num_point_features, geom.max_points_per_voxel
@@ -179,12 +169,17 @@ def _to_device(batch, device):
 
 
 def _focal_stats(model):
+    """(new voxels, spawns) of each focal block in the last forward, over the batch."""
     enc = getattr(getattr(model, 'backbone_3d', None), 'focal_encoder', None)
     if enc is None:
         enc = getattr(model, 'backbone_3d', None)
     stats = getattr(enc, 'last_stats', None) or {}
-    return [int(stats[k]) for k in sorted((k for k in stats if k.startswith('new_voxels_')),
-                                          key=lambda k: int(k.rsplit('_', 1)[1]))]
+
+    def series(prefix):
+        keys = sorted((k for k in stats if k.startswith(prefix)),
+                      key=lambda k: int(k.rsplit('_', 1)[1]))
+        return [int(stats[k]) for k in keys]
+    return series('new_voxels_'), series('spawns_')
 
 
 def _merge_max(acc, new):
@@ -198,7 +193,8 @@ def _merge_max(acc, new):
 
 def _observe(model, observed):
     """Forward hooks that record the data-dependent counts the estimate otherwise expects:
-    DSVT's voxels and sets per stage, the occupied BEV columns of SparseHeightCompression.
+    DSVT's voxels and sets per stage, the occupied BEV columns of SparseHeightCompression,
+    the focal blocks' dilation inputs (counted after the steps by :func:`_probed`).
     Returns the hook handles."""
     import torch
     handles = []
@@ -228,32 +224,54 @@ def _observe(model, observed):
                 cols = int(torch.unique((c[:, 0] * int(h) + c[:, 2]) * int(w) + c[:, 3]).numel())
                 observed['bev_columns'] = max(observed.get('bev_columns', 0), cols)
             handles.append(mod.register_forward_pre_hook(shc_hook))
+        elif name == 'FocalBlock':
+            # the dilation's inputs, kept outside torch; counted after the steps (_probed)
+            from ..models.focal_sst_memory import probe_dilation
+            handles.append(probe_dilation(mod, observed.setdefault('_focal_probe', {})))
     return handles
 
 
-def _train_steps(model, optimizer, cfg, batch_size, voxels, device, amp, steps):
-    """Run ``steps`` training steps as engine.trainer does; returns the new voxels of each
-    focal block (the largest over the steps) when the model has a focal encoder."""
+def _probed(observed):
+    """Replace the focal blocks' probed dilation inputs by their counts (focal_dilation)."""
+    probe = observed.pop('_focal_probe', None)
+    if probe:
+        from ..models.focal_sst_memory import probed_counts
+        observed['focal_dilation'] = probed_counts(probe)
+
+
+def frame_batch(dataset, index, batch_size):
+    """A collated numpy batch of frame ``index`` repeated ``batch_size`` times (every sample as
+    dense as the densest counted frame: what the estimate assumes)."""
+    import numpy as np
+    state = np.random.get_state()
+    try:
+        np.random.seed(index)          # the counted frame's augmentation (counts.from_frames)
+        item = dataset[index]
+    finally:
+        np.random.set_state(state)
+    return dataset.collate_batch([dict(item) for _ in range(batch_size)])
+
+
+def _train_steps(model, optimizer, cfg, make_batch, device, amp, steps, observed):
+    """Run ``steps`` training steps as engine.trainer does; the focal blocks' new voxels and
+    spawns (the largest over the steps) go into ``observed``."""
     import torch
+    from ..engine.optim import optimizer_step
     clip = float(cfg_get(cfg, 'OPTIMIZATION.GRAD_NORM_CLIP', 10))
     scaler = torch.amp.GradScaler('cuda', enabled=amp)
-    grown = []
     for step in range(steps):
-        batch = _to_device(synthetic_batch(cfg, batch_size, voxels, seed=step), device)
+        batch = _to_device(make_batch(step), device)
         ctx = torch.autocast('cuda', dtype=torch.float16) if amp else _Null()
         with ctx:
             ret, _, _ = model(batch)
             loss = ret['loss'].mean()
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, clip)
         del batch, ret, loss
-        new = _focal_stats(model)
-        grown = [max(a, b) for a, b in zip(grown, new)] if grown else new
-    return grown
+        new, spawns = _focal_stats(model)
+        if new:
+            observed['focal_new_voxels'] = _merge_max(observed.get('focal_new_voxels'), new)
+            observed['focal_spawns'] = _merge_max(observed.get('focal_spawns'), spawns)
 
 
 class _Null:
@@ -274,9 +292,26 @@ def _storage_bytes(tensors):
     return total
 
 
-def measure_config(cfg, est, steps=2, device=None):
-    """Measure the peak of ``steps`` training steps of ``cfg`` at the estimate's batch size
-    and voxel count on ``device`` (default: CUDA if available, else CPU)."""
+def _batches(cfg, est, prepared):
+    """(make_batch(step), description, boxes per sample) of the measured steps."""
+    from .. import backend
+    b, counts = est.batch_size, est.voxels
+    if counts.densest is not None:
+        dataset = backend.build_dataset(cfg.DATA_CONFIG, list(cfg.CLASS_NAMES), True,
+                                        prepared.host)
+        batch = frame_batch(dataset, counts.densest, b)
+        boxes = int(batch['gt_boxes'].shape[1])
+        return (lambda step: frame_batch(dataset, counts.densest, b),
+                f'the densest counted frame ({counts.per_sample:,} voxels) x {b}', boxes)
+    return (lambda step: synthetic_batch(cfg, b, counts.per_sample, seed=step),
+            f'{counts.per_sample:,} uniformly random voxels per sample (no frames counted)',
+            GT_BOXES_PER_SAMPLE)
+
+
+def measure_config(cfg, est, prepared, steps=2, device=None):
+    """Measure the peak of ``steps`` training steps of ``cfg`` at the estimate's batch size on
+    ``device`` (default: CUDA if available, else CPU); ``prepared``: the estimate's model
+    build and counts (estimator.prepare)."""
     import torch
     from .estimator import estimate
     device = torch.device(device) if device is not None else measure_device()
@@ -286,14 +321,11 @@ def measure_config(cfg, est, steps=2, device=None):
                    'parameters and buffers')
     m = Measurement(device=str(device), method=method, estimate_bytes=est.peak_bytes,
                     batch_size=b, voxels=n)
-    if est.lower_bound:
-        m.refused = ('some modules are not modelled (' + '; '.join(est.not_modelled) +
-                     '): the comparison would be meaningless')
-        return m
     if device.type == 'cuda':
         free, _ = torch.cuda.mem_get_info(device)
-        if required_bytes(est.peak_bytes) > free:
-            m.refused = (f'the estimate needs {required_bytes(est.peak_bytes) / GIB:.2f} GiB '
+        need = required_bytes(est.peak_bytes, est.world_size)
+        if need > free:
+            m.refused = (f'the estimate needs {need / GIB:.2f} GiB '
                          f'but {free / GIB:.2f} GiB are free on {device}')
             return m
     else:
@@ -303,12 +335,13 @@ def measure_config(cfg, est, steps=2, device=None):
                          f'{RAM_FRACTION:.0%} of the {avail / GIB:.2f} GiB of RAM available on '
                          'this machine; pass --voxels / --batch_size for a smaller run')
             return m
-    from ..builder import build_network
+    from .. import backend
     from ..engine.optim import build_optimizer
-    if not cfg.get('CLASS_NAMES'):
-        raise ConfigError('CLASS_NAMES is required to build the model for --measure')
+    from .build import dataset_stub
+    make_batch, m.batch_source, boxes = _batches(cfg, est, prepared)
     t0 = time.perf_counter()
-    model = build_network(cfg.MODEL, len(cfg.CLASS_NAMES), dataset_stub(cfg)).to(device)
+    model = backend.build_network(cfg.MODEL, len(cfg.CLASS_NAMES), dataset_stub(cfg),
+                                  prepared.host).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg.OPTIMIZATION)
     amp = bool(est.amp) and device.type == 'cuda'
@@ -317,22 +350,24 @@ def measure_config(cfg, est, steps=2, device=None):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        grown = _train_steps(model, optimizer, cfg, b, n, device, amp, steps)
+        _train_steps(model, optimizer, cfg, make_batch, device, amp, steps, observed)
         torch.cuda.synchronize(device)
         m.peak_bytes = int(torch.cuda.max_memory_allocated(device))
+        m.reserved_bytes = int(torch.cuda.max_memory_reserved(device))
     else:
         from .tracker import PeakMemory
         entry = _storage_bytes(list(model.parameters()) + list(model.buffers()))
         with PeakMemory('cpu') as pm:
-            grown = _train_steps(model, optimizer, cfg, b, n, device, False, steps)
+            _train_steps(model, optimizer, cfg, make_batch, device, False, steps, observed)
         m.peak_bytes = entry + int(pm.peak_bytes)
     m.seconds = time.perf_counter() - t0
     for h in hooks:
         h.remove()
-    m.focal_new_voxels = grown or None
+    _probed(observed)
+    m.focal_new_voxels = observed.get('focal_new_voxels')
     m.observed = observed
-    matched = estimate(cfg, batch_size=b, voxels=n, amp=est.amp, target=device.type,
-                       focal_new_voxels=grown or None, gt_boxes=GT_BOXES_PER_SAMPLE,
-                       observed=observed)
+    matched = estimate(cfg, batch_size=b, amp=est.amp, target=device.type,
+                       gt_boxes=boxes, observed=observed, prepared=prepared,
+                       world_size=est.world_size)
     m.matched_bytes = matched.peak_bytes
     return m

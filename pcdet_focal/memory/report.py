@@ -1,5 +1,5 @@
 """Text table and JSON of an estimate / verdict (what tools/estimate_mem.py prints)."""
-from .verdict import ALLOCATOR_SLACK, CUDA_CONTEXT, GIB, margin_text
+from .verdict import ALLOCATOR_SLACK, CUDA_CONTEXT, GIB, NCCL_BUFFERS, margin_text, needed
 
 MIB = 2 ** 20
 
@@ -29,9 +29,16 @@ def _shorten(text, width):
 
 
 def estimate_lines(e):
+    kernels = f'CUDA ({e.stack})' if e.target == 'cuda' else 'CPU'
     lines = [f'memory estimate: {e.cfg_file}',
-             f'batch size {e.batch_size} per device, {"AMP (fp16 autocast)" if e.amp else "fp32"}'
-             f', kernels modelled for {e.target.upper()}; {e.voxels.describe()}']
+             f'batch size {e.batch_size} per device'
+             + (f' x {e.world_size} processes (DDP)' if e.world_size > 1 else '')
+             + f', {"AMP (fp16 autocast)" if e.amp else "fp32"}, modules built by the '
+             f'{e.host} host, kernels modelled for {kernels}',
+             f'counts: {e.voxels.describe()}']
+    if e.peak_bytes is None:
+        lines.append('not modelled (no memory rule, so no estimate): ' + '; '.join(e.not_modelled))
+        return lines
     lines.append('geometry:')
     lines += [f'  {g}' for g in e.geometry]
     if e.flattened_bev_channels is not None:
@@ -43,7 +50,8 @@ def estimate_lines(e):
         + (f' (kept across {e.accumulation_steps} accumulation steps)'
            if e.accumulation_steps > 1 else '')
         + (f', module state carried between steps {fmt_bytes(e.state_bytes)}'
-           if e.state_bytes else ''))
+           if e.state_bytes else '')
+        + (f', DDP gradient buckets {fmt_bytes(e.ddp_bytes)}' if e.ddp_bytes else ''))
     head = f'{"module":34s} {"params":>9s} {"activations":>12s} {"largest transient":>18s} ' \
            f'{"running peak":>13s}'
     lines += ['', head, '-' * len(head)]
@@ -58,9 +66,10 @@ def estimate_lines(e):
             lines.append(f'{phase + " peak":34s} {"":9s} {"":12s} {"":18s} '
                          f'{fmt_bytes(e.phase_peaks[phase]):>13s}')
     lines.append('')
-    lb = ' (LOWER BOUND: some modules are not modelled)' if e.lower_bound else ''
-    lines.append(f'PEAK: {fmt_bytes(e.peak_bytes)}{lb} in the {e.peak_phase} of {e.peak_module}'
-                 + (f' ({e.peak_label})' if e.peak_label else ''))
+    lines.append(f'PEAK: {fmt_bytes(e.peak_bytes)} in the {e.peak_phase} of {e.peak_module}'
+                 + (f' ({e.peak_label})' if e.peak_label else '')
+                 + (f'; allocator reserved (simulated) {fmt_bytes(e.reserved_bytes)}'
+                    if e.reserved_bytes else ''))
     if e.transient_bytes:
         lines.append(f'largest transient: {fmt_bytes(e.transient_bytes)} = {e.transient_label} '
                      f'in {e.transient_module}')
@@ -69,27 +78,32 @@ def estimate_lines(e):
             lines.append(f'note [{r.name}]: {n}')
     for n in e.notes:
         lines.append(f'note: {n}')
-    if e.not_modelled:
-        lines.append('not modelled (memory not counted): ' + '; '.join(e.not_modelled))
+    for key, why in e.unbounded:
+        lines.append(f'no bound: {key}: {why}')
     return lines
 
 
 def verdict_lines(v):
     lines = estimate_lines(v.estimate)
     lines.append('')
+    if v.word == 'NOT_MODELLED':
+        lines.append(v.summary())
+        return lines
     if not v.has_budget:
         lines.append(f'no budget: {v.budget_source}; pass --vram GiB to get FITS / REJECT '
                      '(estimate printed only)')
+        if not v.estimate.bounded:
+            lines.append(f'UNBOUNDED: {v.reason}')
         return lines
-    lines.append(f'budget: {fmt_bytes(v.budget_bytes)} ({v.budget_source}); {margin_text()}; '
+    lines.append(f'budget: {fmt_bytes(v.budget_bytes)} ({v.budget_source}); {margin_text(v.estimate.world_size)}; '
                  f'needed: {fmt_bytes(v.required_bytes)}')
-    lines.append(('FITS' if v.fits else 'REJECT') + f': {v.summary().split(": ", 1)[1]}')
+    lines.append(v.summary())
     if v.suggestions:
-        lines.append('suggestions (each re-estimated):')
+        lines.append('suggestions (each re-estimated; each fits):')
         for i, s in enumerate(v.suggestions, 1):
             lines.append(f'  {i}. {s.line()}')
     elif not v.fits:
-        lines.append('no suggestion applies to this config')
+        lines.append('no suggested change fits this budget')
     return lines
 
 
@@ -103,12 +117,18 @@ def _row_json(r):
 
 def estimate_json(e):
     vc = e.voxels
+    counts = {'per_sample': vc.per_sample, 'source': vc.source,
+              'points_per_sample': vc.points_per_sample,
+              'frames': ({'count': len(vc.frames), 'ids': vc.frame_ids, 'median': vc.median,
+                          'max': vc.per_sample} if vc.frames else None),
+              'cap': vc.cap}
+    if e.peak_bytes is None:
+        return None
     return {
         'config': e.cfg_file, 'batch_size': e.batch_size, 'amp': e.amp, 'target': e.target,
-        'voxels': {'per_sample': vc.per_sample, 'source': vc.source,
-                   'points_per_sample': vc.points_per_sample,
-                   'data': ({'frames': vc.data_frames, 'mean': vc.data_mean, 'max': vc.data_max}
-                            if vc.data_frames else None)},
+        'host': e.host, 'stack': e.stack, 'world_size': e.world_size,
+        'bounded': e.bounded, 'unbounded': [{'key': k, 'why': w} for k, w in e.unbounded],
+        'voxels': counts,
         'geometry': list(e.geometry), 'flattened_bev_channels': e.flattened_bev_channels,
         'params': e.params, 'param_bytes': e.param_bytes, 'buffer_bytes': e.buffer_bytes,
         'optimizer': e.optimizer, 'optimizer_bytes': e.optimizer_bytes,
@@ -120,28 +140,30 @@ def estimate_json(e):
         'peak_phase': e.peak_phase, 'peak_module': e.peak_module,
         'largest_transient': {'bytes': e.transient_bytes, 'what': e.transient_label,
                               'module': e.transient_module},
-        'lower_bound': e.lower_bound, 'not_modelled': list(e.not_modelled),
-        'notes': list(e.notes),
+        'allocated_bytes': e.peak_bytes, 'reserved_bytes': e.reserved_bytes,
+        'ddp_bytes': e.ddp_bytes, 'notes': list(e.notes),
     }
 
 
 def verdict_json(v):
-    out = {'estimate': estimate_json(v.estimate)}
-    if not v.has_budget:
-        out['verdict'] = 'ESTIMATE_ONLY'
+    out = {'estimate': estimate_json(v.estimate), 'not_modelled': list(v.estimate.not_modelled)}
+    if not v.has_budget or v.word == 'NOT_MODELLED':
+        out['verdict'] = 'ESTIMATE_ONLY' if v.word == 'ESTIMATE' else v.word
         out['budget'] = None
         out['budget_source'] = v.budget_source
     else:
-        out['verdict'] = 'FITS' if v.fits else 'REJECT'
+        out['verdict'] = v.word
         out['budget'] = {'bytes': v.budget_bytes, 'source': v.budget_source,
                          'required_bytes': v.required_bytes,
                          'margin': {'allocator_slack': ALLOCATOR_SLACK,
-                                    'cuda_context_bytes': CUDA_CONTEXT}}
+                                    'cuda_context_bytes': CUDA_CONTEXT,
+                                    'nccl_buffers_bytes': NCCL_BUFFERS
+                                    if v.estimate.world_size > 1 else 0}}
         out['max_batch_size'] = v.max_batch_size
     out['reason'] = v.reason
     out['summary'] = v.summary()
     out['suggestions'] = [{'kind': s.kind, 'title': s.title, 'peak_bytes': s.peak_bytes,
-                           'required_bytes': s.required_bytes, 'fits': s.fits,
+                           'required_bytes': s.required_bytes, 'fits': True,
                            'batch_size': s.batch_size, 'amp': s.amp,
                            'changes': _plain(s.changes)} for s in v.suggestions]
     return out

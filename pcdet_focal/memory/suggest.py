@@ -1,19 +1,24 @@
-"""Fixes for a rejected config, each re-estimated: batch size, sparse height compression,
-DSVT input z stride, AMP. :func:`write_fixed` writes the first one that fits as a full config.
+"""Fixes for a rejected config. Every fix is applied to a copy of the config, re-estimated
+(rebuilt model, the same counted frames) and offered only when it fits the budget; only keys
+the host honours are used (OpenPCDet's train.py ignores ACCUMULATION_STEPS, its DSVT has no
+input_downsample). :func:`write_fixed` writes the first one as a small config over the original
+(a relative ``_BASE_CONFIG_``), loadable from any folder.
 """
 import copy
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import yaml
 from easydict import EasyDict
 
-from ..config import cfg_get, dump_config, resolve_path, to_plain
+from ..config import cfg_get, to_plain
 from ..errors import ConfigError, PcdetFocalError
-from .dsvt_geometry import dsvt_stages
-from .verdict import gib, required_bytes
-from .estimator import estimate
+from .estimator import Prepared, estimate, prepare
+from .verdict import fits_budget, gib, needed
 
-DSVT_NAMES = ('DSVT', 'DSVTDownsample')
+DSVT_CLASSES = ('DSVTDownsample',)
 
 
 @dataclass
@@ -25,17 +30,12 @@ class Suggestion:
     batch_size: int
     amp: bool
     peak_bytes: int
-    fits: bool
+    required_bytes: int
     notes: list = field(default_factory=list)
 
-    @property
-    def required_bytes(self):
-        return required_bytes(self.peak_bytes)
-
     def line(self):
-        verdict = 'fits' if self.fits else 'does not fit'
         return (f'{self.title}: peak {gib(self.peak_bytes)} (needs {gib(self.required_bytes)}) '
-                f'-> {verdict}')
+                '-> fits')
 
 
 def _set(cfg, dotted, value):
@@ -51,167 +51,172 @@ def _set(cfg, dotted, value):
 def _apply(cfg, changes):
     new = copy.deepcopy(cfg)
     for key, value in changes.items():
-        if value is None:
-            parts = key.split('.')
-            node = cfg_get(new, '.'.join(parts[:-1]), None)
-            if isinstance(node, dict):
-                node.pop(parts[-1], None)
-        else:
-            _set(new, key, copy.deepcopy(value))
+        _set(new, key, copy.deepcopy(value))
     return new
 
 
-def _try(kind, title, cfg, changes, batch_size, budget, amp, kw, notes=()):
-    new = _apply(cfg, changes)
-    try:
-        e = estimate(new, batch_size=batch_size, amp=amp, **kw)
-    except PcdetFocalError as err:   # a change the config cannot take: skip it, say why
-        return None, str(err)
-    return Suggestion(kind, title, changes, new, batch_size, amp, e.peak_bytes,
-                      required_bytes(e.peak_bytes) <= budget, list(notes)), None
+class _Trial:
+    """Re-estimates changed configs with the original's counts and budget."""
+
+    def __init__(self, cfg, e, budget, prepared, assume):
+        self.cfg, self.e, self.budget, self.prepared, self.assume = cfg, e, budget, prepared, \
+            assume
+
+    def __call__(self, kind, title, changes, batch_size=None, amp=None):
+        new = _apply(self.cfg, changes)
+        batch = batch_size or self.e.batch_size
+        amp = self.e.amp if amp is None else amp
+        try:
+            if changes and any(not k.startswith('OPTIMIZATION.') for k in changes):
+                prep = prepare(new, self.prepared.host, counts=self.prepared.counts,
+                               cache=self.prepared.cache)
+            else:
+                prep = Prepared(new, self.prepared.host, self.prepared.model,
+                                self.prepared.geom, self.prepared.counts,
+                                prepare_optimization(new), cache=self.prepared.cache)
+            e = estimate(new, batch_size=batch, amp=amp, prepared=prep, **self.assume)
+        except PcdetFocalError:     # a change the config cannot take: not offered
+            return None
+        if not e.bounded or not fits_budget(e, self.budget):
+            return None
+        return Suggestion(kind, title, changes, new, batch, amp, e.peak_bytes, needed(e))
+
+
+def prepare_optimization(cfg):
+    from ..engine.optim import optimization
+    return optimization(cfg.get('OPTIMIZATION'))
 
 
 # ---------------------------------------------------------------------------- batch size
-def _batch(cfg, e, budget, max_batch, kw):
-    if e.batch_size <= 1:
+def _batch(trial, e, max_batch, host):
+    if e.batch_size <= 1 or not max_batch:
         return []
-    accum = e.accumulation_steps
-    effective = e.batch_size * accum
-    if max_batch and max_batch >= 1:
-        b = max_batch
+    b = max_batch
+    if host == 'standalone':
+        effective = e.batch_size * e.accumulation_steps
         steps = math.ceil(effective / b)
         changes = {'OPTIMIZATION.BATCH_SIZE_PER_GPU': b, 'OPTIMIZATION.ACCUMULATION_STEPS': steps}
         title = (f'batch size {b} (largest that fits) with OPTIMIZATION.ACCUMULATION_STEPS: '
                  f'{steps} to keep the effective batch {effective}'
                  + (f' (-> {b * steps})' if b * steps != effective else ''))
-        s, _ = _try('batch_size', title, cfg, changes, b, budget, e.amp, kw)
-        return [s] if s else []
-    s, _ = _try('batch_size', f'batch size 1 (the smallest) with OPTIMIZATION.'
-                f'ACCUMULATION_STEPS: {effective}', cfg,
-                {'OPTIMIZATION.BATCH_SIZE_PER_GPU': 1,
-                 'OPTIMIZATION.ACCUMULATION_STEPS': effective}, 1, budget, e.amp, kw)
+    else:  # OpenPCDet's train.py has no gradient accumulation
+        changes = {'OPTIMIZATION.BATCH_SIZE_PER_GPU': b}
+        title = (f'batch size {b} (largest that fits; OpenPCDet has no gradient accumulation: '
+                 f'scale OPTIMIZATION.LR by {b}/{e.batch_size} to keep its per-sample rate)')
+    s = trial('batch_size', title, changes, batch_size=b)
     return [s] if s else []
 
 
 # ---------------------------------------------------------------------------- map to BEV
-def _shc(cfg, e, budget, kw):
+def _shc(trial, cfg, e):
     m2b = cfg_get(cfg, 'MODEL.MAP_TO_BEV', {}) or {}
-    name = m2b.get('NAME')
-    inp = e.map_to_bev_input
+    name, inp = m2b.get('NAME'), e.map_to_bev_input
     if name not in ('HeightCompression', 'PointPillarScatter3d') or inp is None:
         return []
     c, d, h, w = inp
-    if name == 'HeightCompression' and d == 1:
-        return []
+    flat = e.flattened_bev_channels or c * d
+    filters = cfg_get(cfg, 'MODEL.BACKBONE_2D.NUM_FILTERS', None)
+    learned_out = int(filters[0]) if isinstance(filters, (list, tuple)) and filters else c
     out = []
-    learned_out = cfg_get(cfg, 'MODEL.BACKBONE_2D.NUM_FILTERS', None)
-    learned_out = int(learned_out[0]) if isinstance(learned_out, (list, tuple)) and \
-        learned_out else c
     for mode in ('learned', 'max', 'mean'):
         new = {'NAME': 'SparseHeightCompression', 'MODE': mode}
         if mode == 'learned':
             new.update({'INPUT_FEATURES': c, 'NUM_HEIGHT_BINS': d,
-                        'NUM_BEV_FEATURES': learned_out, 'USE_NORM': True})
+                        'NUM_BEV_FEATURES': learned_out})
         else:
             new['NUM_BEV_FEATURES'] = c
+        if new['NUM_BEV_FEATURES'] >= flat:
+            continue          # no fewer BEV channels: nothing gained
         if name == 'PointPillarScatter3d' and m2b.get('INPUT_SHAPE') is not None:
             new['INPUT_SHAPE'] = list(m2b['INPUT_SHAPE'])
         title = (f'MAP_TO_BEV: SparseHeightCompression MODE {mode} instead of {name} '
-                 f'({new["NUM_BEV_FEATURES"]} BEV channels instead of {c * d})')
-        s, _ = _try('map_to_bev', title, cfg, {'MODEL.MAP_TO_BEV': new}, e.batch_size,
-                    budget, e.amp, kw)
+                 f'({new["NUM_BEV_FEATURES"]} BEV channels instead of {flat}, no dense '
+                 f'[B, {c}, {d}, {h}, {w}] volume)')
+        s = trial('map_to_bev', title, {'MODEL.MAP_TO_BEV': new})
         if s:
             out.append(s)
     return out
 
 
 # ---------------------------------------------------------------------------- DSVT z stride
-def _dsvt_cfg(cfg):
-    b3 = cfg_get(cfg, 'MODEL.BACKBONE_3D', {}) or {}
-    if b3.get('NAME') in DSVT_NAMES:
-        return 'MODEL.BACKBONE_3D', b3
-    if b3.get('NAME') == 'FocalSSTDSVT' and isinstance(b3.get('DSVT'), dict):
-        return 'MODEL.BACKBONE_3D.DSVT', b3['DSVT']
-    return None, None
+def _dsvt_prefix(model, cfg):
+    """Config prefix of our DSVTDownsample in the built model (None: absent / OpenPCDet's)."""
+    b3 = getattr(model, 'backbone_3d', None)
+    if type(b3).__name__ == 'DSVTDownsample':
+        return 'MODEL.BACKBONE_3D'
+    if type(getattr(b3, 'dsvt', None)).__name__ == 'DSVTDownsample':
+        return 'MODEL.BACKBONE_3D.DSVT'
+    return None
 
 
-def z_stride_changes(cfg, sz):
+def z_stride_changes(cfg, prefix, sz):
     """Config changes that set DSVT's input z stride to ``sz`` and keep the rest consistent:
     whole-height windows follow the new height, and the map-to-BEV step's height bins /
     flattened channels follow the last stage's new height."""
-    prefix, dcfg = _dsvt_cfg(cfg)
-    old = dsvt_stages(dcfg, prefix)
+    from ..models.dsvt import DSVTConfig
+    dcfg = cfg_get(cfg, prefix)
+    old = DSVTConfig(dcfg, prefix=prefix)
     il = copy.deepcopy(dict(dcfg['INPUT_LAYER']))
-    down = list(old['input_downsample'])
+    down = list(old.input_downsample)
     down[2] = int(sz)
     il['input_downsample'] = down
-    new = dsvt_stages({**dcfg, 'INPUT_LAYER': il}, prefix)
-    windows = il.get('window_shape')
-    if isinstance(windows, (list, tuple)):
-        fixed = []
-        for s, win in enumerate(windows):
-            win = list(win)
-            if len(win) == 3 and s < len(new['shapes']):
-                old_d, new_d = old['shapes'][s][2], new['shapes'][s][2]
-                win[2] = new_d if win[2] >= old_d else min(win[2], new_d)
-            fixed.append(win)
-        il['window_shape'] = fixed
+    new_shapes = [math.ceil(old.sparse_shape[a] / down[a]) for a in range(3)]
+    fixed = []
+    for s, win in enumerate(il.get('window_shape') or []):
+        win = list(win)
+        if s == 0:
+            old_d, new_d = old.stage_shapes[0][2], new_shapes[2]
+            win[2] = new_d if win[2] >= old_d else min(win[2], new_d)
+        fixed.append(win)
+    il['window_shape'] = fixed
+    new = DSVTConfig({**dcfg, 'INPUT_LAYER': il}, prefix=prefix)
     changes = {f'{prefix}.INPUT_LAYER': il}
-    last_d = new['shapes'][-1][2]
-    d_model = (il.get('d_model') or dcfg.get('d_model'))[-1]
+    last_d, d_model = new.stage_shapes[-1][2], new.d_model[-1]
     m2b = cfg_get(cfg, 'MODEL.MAP_TO_BEV', {}) or {}
     name = m2b.get('NAME')
     if name == 'HeightCompression':
-        changes['MODEL.MAP_TO_BEV.NUM_BEV_FEATURES'] = int(d_model) * last_d
+        changes['MODEL.MAP_TO_BEV.NUM_BEV_FEATURES'] = d_model * last_d
     elif name == 'PointPillarScatter3d':
-        shape = list(m2b.get('INPUT_SHAPE') or [new['shapes'][-1][0], new['shapes'][-1][1], 1])
+        shape = list(m2b.get('INPUT_SHAPE') or new.stage_shapes[-1])
         shape[2] = last_d
         changes['MODEL.MAP_TO_BEV.INPUT_SHAPE'] = shape
-        changes['MODEL.MAP_TO_BEV.NUM_BEV_FEATURES'] = int(d_model) * last_d
+        changes['MODEL.MAP_TO_BEV.NUM_BEV_FEATURES'] = d_model * last_d
     elif name == 'SparseHeightCompression':
-        if 'NUM_HEIGHT_BINS' in m2b:
-            changes['MODEL.MAP_TO_BEV.NUM_HEIGHT_BINS'] = last_d
-        if 'Z_STRIDE' in m2b or 'NUM_HEIGHT_BINS' not in m2b:
-            changes['MODEL.MAP_TO_BEV.Z_STRIDE'] = int(new['strides'][-1][2])
+        for key in ('NUM_HEIGHT_BINS', 'Z_STRIDE'):
+            if m2b.get(key) is not None:     # the height now comes from the backbone
+                changes[f'MODEL.MAP_TO_BEV.{key}'] = None
         if m2b.get('INPUT_SHAPE') is not None:
             shape = list(m2b['INPUT_SHAPE'])
             shape[2] = last_d
             changes['MODEL.MAP_TO_BEV.INPUT_SHAPE'] = shape
-    return changes, old['shapes'][0][2], new['shapes'][0][2]
+    return changes, old.stage_shapes[0][2], new.stage_shapes[0][2]
 
 
-def _z_stride(cfg, e, budget, kw):
-    prefix, dcfg = _dsvt_cfg(cfg)
+def _z_stride(trial, cfg, e, model):
+    prefix = _dsvt_prefix(model, cfg)
     if prefix is None:
         return []
-    try:
-        st = dsvt_stages(dcfg, prefix)
-    except ConfigError:
-        return []
-    cur = st['input_downsample'][2]
-    depth = st['sparse_shape'][2]
-    if cur >= depth:
-        return []
+    from ..models.dsvt import DSVTConfig
+    old = DSVTConfig(cfg_get(cfg, prefix), prefix=prefix)
+    cur, depth = old.input_downsample[2], old.sparse_shape[2]
 
     def attempt(sz):
         try:
-            changes, d_old, d_new = z_stride_changes(cfg, sz)
-        except (ConfigError, TypeError, ValueError):
+            changes, d_old, d_new = z_stride_changes(cfg, prefix, sz)
+        except ConfigError:
             return None
-        title = (f'DSVT INPUT_LAYER.input_downsample z stride {sz} instead of {cur} '
-                 f'({d_old} -> {d_new} height bins)')
-        s, _ = _try('dsvt_z_stride', title, cfg, changes, e.batch_size, budget, e.amp, kw)
-        return s
+        return trial('dsvt_z_stride', f'DSVT INPUT_LAYER.input_downsample z stride {sz} instead '
+                     f'of {cur} ({d_old} -> {d_new} height bins)', changes)
 
     # memory falls as the stride grows: bisect for the smallest stride that fits
-    lo, hi = cur, depth            # lo: known not to fit; hi: candidate upper end
+    lo, hi = cur, depth
     best = attempt(hi)
-    if best is None or not best.fits:
-        return [best] if best else []
+    if best is None:
+        return []
     while hi - lo > 1:
         mid = (lo + hi) // 2
         s = attempt(mid)
-        if s is not None and s.fits:
+        if s is not None:
             hi, best = mid, s
         else:
             lo = mid
@@ -219,51 +224,48 @@ def _z_stride(cfg, e, budget, kw):
 
 
 # ---------------------------------------------------------------------------- AMP
-def _amp(cfg, e, budget, kw):
-    if e.amp:
+def _amp(trial, e):
+    if e.amp or e.target != 'cuda':
         return []
-    s, _ = _try('amp', 'mixed precision (OPTIMIZATION.USE_AMP: True, or --use_amp)', cfg,
-                {'OPTIMIZATION.USE_AMP': True}, e.batch_size, budget, True, kw)
+    s = trial('amp', 'mixed precision (OPTIMIZATION.USE_AMP: True, or --use_amp)',
+              {'OPTIMIZATION.USE_AMP': True}, amp=True)
     return [s] if s else []
 
 
-def suggestions(cfg, e, budget, max_batch, **assume):
-    """All suggestions for a rejected estimate ``e``, in the order they are offered.
+def suggestions(cfg, e, budget, max_batch, prepared, **assume):
+    """Every fix that makes the rejected estimate ``e`` fit ``budget``, in the order offered.
 
-    ``assume``: estimate()'s keyword arguments (voxels, target, data_counts, focal_growth)."""
-    kw = dict(assume)
-    out = []
-    out += _batch(cfg, e, budget, max_batch, kw)
-    out += _shc(cfg, e, budget, kw)
-    out += _z_stride(cfg, e, budget, kw)
-    out += _amp(cfg, e, budget, kw)
+    ``assume``: estimate()'s keyword arguments (target, stack, world_size, gt_boxes)."""
+    trial = _Trial(cfg, e, budget, prepared, assume)
+    return (_batch(trial, e, max_batch, prepared.host) + _shc(trial, cfg, e)
+            + _z_stride(trial, cfg, e, prepared.model) + _amp(trial, e))
+
+
+def _nested(changes):
+    out = {}
+    for key, value in changes.items():
+        node = out
+        parts = key.split('.')
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = to_plain(value)
     return out
 
 
 def write_fixed(verdict, path):
-    """Write the first fitting suggestion of a REJECT verdict as a full config; returns it.
-
-    The written YAML is the merged config (no _BASE_CONFIG_), loadable by load_config; the
-    dataset path is made absolute so the file works from any folder."""
+    """Write the first suggestion of a REJECT verdict as a config over the original: a relative
+    ``_BASE_CONFIG_`` and the changed keys only (a removed key is written as null)."""
     s = verdict.top_suggestion
     if s is None:
         raise ConfigError('--write-fixed: no suggestion fits the budget, nothing written')
-    cfg = copy.deepcopy(s.cfg)
-    data_path = cfg_get(cfg, 'DATA_CONFIG.DATA_PATH', None)
-    if isinstance(data_path, str):
-        try:
-            cfg.DATA_CONFIG.DATA_PATH = str(resolve_path(data_path, cfg, 'DATA_CONFIG.DATA_PATH'))
-        except ConfigError:
-            pass  # data not present here: keep the path as written
-    if s.kind == 'amp':
-        _set(cfg, 'OPTIMIZATION.USE_AMP', True)
-    plain = to_plain(cfg)
-    for key in ('CFG_FILE', 'CFG_SEARCH_DIRS'):
-        plain.pop(key, None)
+    path = Path(path)
+    src = Path(verdict.estimate.cfg_file)
+    base = os.path.relpath(src.resolve(), path.resolve().parent)
+    doc = {'_BASE_CONFIG_': base, **_nested(s.changes)}
+    header = (f'# {s.title}\n# written by tools/estimate_mem.py --write-fixed over {src.name}: '
+              f'peak {gib(s.peak_bytes)} at batch {s.batch_size}\n')
     try:
-        dump_config(plain, path)
+        path.write_text(header + yaml.safe_dump(doc, sort_keys=False), encoding='utf-8')
     except OSError as err:
         raise ConfigError(f'--write-fixed {path}: cannot write ({err.strerror})') from None
     return s
-
-

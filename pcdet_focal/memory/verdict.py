@@ -1,32 +1,51 @@
 """FITS / REJECT against a memory budget, with the margin stated, and the batch-size search.
 
-A config fits when  peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT <= budget:
+A config fits when its estimate is complete (every module has a memory rule), bounded (no
+count without a cap) and
+
+    peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT <= budget
+
+and, on CUDA, the caching allocator serves every allocation of the step within
+budget - CUDA_CONTEXT (simulated on the step's allocations, cuda.reserved_peak: fragmentation
+can fail a step whose live bytes fit):
+
 - CUDA_CONTEXT (1 GiB): the CUDA context, cuBLAS / cuDNN handles and their workspaces, which
   live outside PyTorch's allocator statistics but inside the card's memory;
-- ALLOCATOR_SLACK (10 %): the caching allocator's rounding and fragmentation (reserved minus
-  allocated memory) on top of the live tensors the estimate counts.
+- NCCL_BUFFERS (1 GiB, DDP runs only): NCCL's communicator buffers, also outside the
+  allocator. Reported sizes range from about 0.5 GB (2 GPUs, NVLink, NVIDIA/nccl#964) to
+  1.6 GB (NVIDIA/nccl#864); they depend on topology, channels and InfiniBand adapters, not on
+  the model, so this is a stated constant, not derived;
+- ALLOCATOR_SLACK (10 %): the estimate's own margin of error.
 """
 import os
 import shutil
 import sys
 from dataclasses import dataclass, field
 
-from .estimator import estimate
+from ..errors import ConfigError
+from .estimator import estimate, prepare
 
 GIB = 2 ** 30
 CUDA_CONTEXT = 1 * GIB
+NCCL_BUFFERS = 1 * GIB
 ALLOCATOR_SLACK = 0.10
 MAX_BATCH_SEARCH = 1024
 
 
-def required_bytes(peak):
+def outside_allocator(world_size=1):
+    """Device bytes outside PyTorch's allocator: the CUDA context, plus NCCL under DDP."""
+    return CUDA_CONTEXT + (NCCL_BUFFERS if world_size > 1 else 0)
+
+
+def required_bytes(peak, world_size=1):
     """Device memory a step with this estimated peak needs (margin included)."""
-    return int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT
+    return int(peak * (1 + ALLOCATOR_SLACK)) + outside_allocator(world_size)
 
 
-def margin_text():
-    return (f'margin: +{ALLOCATOR_SLACK:.0%} of the peak for allocator slack and '
-            f'+{CUDA_CONTEXT / GIB:.2f} GiB for the CUDA context / cuDNN + cuBLAS workspaces')
+def margin_text(world_size=1):
+    nccl = f', +{NCCL_BUFFERS / GIB:.2f} GiB for NCCL buffers' if world_size > 1 else ''
+    return (f'margin: +{ALLOCATOR_SLACK:.0%} of the peak, +{CUDA_CONTEXT / GIB:.2f} GiB for the '
+            f'CUDA context / cuDNN + cuBLAS workspaces{nccl}')
 
 
 def gib(nbytes):
@@ -51,12 +70,28 @@ def cuda_device_budget():
     return int(props.total_memory), f'cuda:{idx} {props.name}'
 
 
+def needed(e):
+    """Bytes the device must have for estimate ``e`` (None when incomplete)."""
+    return None if e.peak_bytes is None else required_bytes(e.peak_bytes, e.world_size)
+
+
+def fits_budget(e, budget):
+    """``e`` fits ``budget``: its margin, and (CUDA) the allocator simulation within it."""
+    if e.peak_bytes is None or needed(e) > budget:
+        return False
+    if e.events is None:
+        return True
+    from .cuda import reserved_peak
+    return reserved_peak(e.events, budget - outside_allocator(e.world_size))[1]
+
+
 @dataclass
 class Verdict:
-    """The answer of :func:`check_fits`: ``fits`` is True when no budget is known."""
+    """The answer of :func:`check_fits`. ``word``: FITS, REJECT, UNBOUNDED (a count without a
+    bound: never FITS), NOT_MODELLED (incomplete estimate) or ESTIMATE (no budget)."""
 
-    fits: bool
-    estimate: object                 # estimate.Estimate
+    word: str
+    estimate: object                 # estimator.Estimate
     budget_bytes: object = None      # None: no budget (nothing was checked)
     budget_source: str = ''
     reason: str = ''
@@ -64,12 +99,16 @@ class Verdict:
     max_batch_size: object = None    # largest batch that fits (None without a budget)
 
     @property
+    def fits(self):
+        return self.word in ('FITS', 'ESTIMATE')
+
+    @property
     def peak_bytes(self):
         return self.estimate.peak_bytes
 
     @property
     def required_bytes(self):
-        return required_bytes(self.estimate.peak_bytes)
+        return needed(self.estimate)
 
     @property
     def has_budget(self):
@@ -77,27 +116,28 @@ class Verdict:
 
     @property
     def top_suggestion(self):
-        for s in self.suggestions:
-            if s.fits:
-                return s
-        return None
+        return self.suggestions[0] if self.suggestions else None
 
     def summary(self):
         """One line: verdict, peak vs budget, the reason and the top fix."""
         e = self.estimate
-        lb = ' (lower bound: some modules not modelled)' if e.lower_bound else ''
-        head = f'peak {gib(e.peak_bytes)}{lb} at batch {e.batch_size}'
-        if not self.has_budget:
-            return f'ESTIMATE ONLY: {head}; no budget ({self.budget_source}; pass --vram GiB)'
+        if self.word == 'NOT_MODELLED':
+            return (f'NOT MODELLED: no memory rule for {"; ".join(e.not_modelled)} (no estimate '
+                    'is given rather than a partial one)')
+        head = f'peak {gib(e.peak_bytes)} at batch {e.batch_size}'
+        if self.word == 'ESTIMATE':
+            bound = '' if e.bounded else f'; {self.reason}'
+            return f'ESTIMATE ONLY: {head}; no budget ({self.budget_source}; pass --vram GiB)' \
+                + bound
         need = f'needs {gib(self.required_bytes)} with the margin, budget {gib(self.budget_bytes)}'
-        if self.fits:
+        if self.word == 'FITS':
             mb = f'; largest batch that fits: {self.max_batch_size}' \
                 if self.max_batch_size else ''
             return f'FITS: {head}, {need}{mb}'
         top = self.top_suggestion
         fix = f'; top suggestion: {top.title} ({gib(top.peak_bytes)})' if top else \
             '; no single suggested change fits'
-        return f'REJECT: {head}, {need}: {self.reason}{fix}'
+        return f'{self.word}: {head}, {need}: {self.reason}{fix}'
 
 
 def reject_reason(e):
@@ -113,23 +153,27 @@ def reject_reason(e):
     return where
 
 
-def fits_at(cfg, batch_size, budget, amp=False, **assume):
-    e = estimate(cfg, batch_size=batch_size, amp=amp, **assume)
-    return required_bytes(e.peak_bytes) <= budget, e
+def unbounded_reason(e):
+    keys = [f'{key} ({why})' for key, why in e.unbounded]
+    if not e.voxels.bounded:
+        keys.append('DATA_CONFIG.DATA_PROCESSOR[transform_points_to_voxels]'
+                    ".MAX_NUMBER_OF_VOXELS (dynamic voxelisation has no voxel cap)")
+    return 'no bound on ' + '; '.join(keys) + ': set it so the estimate is a bound'
 
 
-def max_batch_size(cfg, budget, amp=False, start=1, **assume):
+def max_batch_size(cfg, budget, amp=False, start=1, prepared=None, **assume):
     """Largest batch size whose estimate fits ``budget`` (0 if batch 1 does not).
 
-    ``assume``: estimate()'s keyword arguments (voxels, target, data_counts, focal_growth).
-    Peak memory grows with the batch, so a doubling search then a bisection finds it."""
-    kw = dict(amp=amp, **assume)
-    lo, hi = 0, None
-    b = max(1, int(start))
+    ``assume``: estimate()'s other keyword arguments. Peak memory grows with the batch, so a
+    doubling search then a bisection finds it."""
+    def fits(b):
+        return fits_budget(estimate(cfg, batch_size=b, amp=amp, prepared=prepared, **assume),
+                           budget)
+
+    lo, hi, b = 0, None, max(1, int(start))
     while b <= MAX_BATCH_SEARCH:
-        if fits_at(cfg, b, budget, **kw)[0]:
-            lo = b
-            b *= 2
+        if fits(b):
+            lo, b = b, b * 2
         else:
             hi = b
             break
@@ -137,43 +181,43 @@ def max_batch_size(cfg, budget, amp=False, start=1, **assume):
         return lo
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if fits_at(cfg, mid, budget, **kw)[0]:
-            lo = mid
-        else:
-            hi = mid
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
-def check_fits(cfg, batch_size=None, vram_gib=None, amp=False, voxels=None, target='cuda',
-               suggest=True, data_counts=None, focal_growth=None):
+def check_fits(cfg, batch_size=None, vram_gib=None, amp=False, suggest=True, prepared=None,
+               **assume):
     """Estimate ``cfg`` at ``batch_size`` and judge it against ``vram_gib`` GiB (default: the
-    current CUDA device's memory; with neither, ``fits`` is True and nothing is checked).
+    current CUDA device's memory; with neither, the verdict is ESTIMATE).
 
-    voxels / data_counts / focal_growth / target: see :func:`estimate.estimate`.
-    Returns a :class:`Verdict`; on REJECT it carries re-estimated suggestions."""
+    ``assume``: estimate()'s keyword arguments (target, stack, voxels, frames, host,
+    world_size, gt_boxes). Returns a :class:`Verdict`; on REJECT it carries suggestions, each
+    re-estimated and fitting."""
     from .suggest import suggestions as make_suggestions
-    assume = dict(voxels=voxels, target=target, data_counts=data_counts,
-                  focal_growth=focal_growth)
-    e = estimate(cfg, batch_size=batch_size, amp=amp, **assume)
+    prep_keys = ('host', 'voxels', 'frames')
+    prepared = prepared or prepare(cfg, **{k: assume[k] for k in prep_keys if k in assume})
+    assume = {k: v for k, v in assume.items() if k not in prep_keys}
+    e = estimate(cfg, batch_size=batch_size, amp=amp, prepared=prepared, **assume)
     if vram_gib is not None:
         if isinstance(vram_gib, bool) or not isinstance(vram_gib, (int, float)) or vram_gib <= 0:
-            from ..errors import ConfigError
             raise ConfigError(f'--vram must be a positive number of GiB, got {vram_gib!r}')
         budget, source = int(float(vram_gib) * GIB), f'--vram {vram_gib:g} GiB'
     else:
         budget, source = cuda_device_budget()
+    if e.peak_bytes is None:
+        return Verdict('NOT_MODELLED', e, budget, source,
+                       reason='no memory rule for ' + '; '.join(e.not_modelled))
     if budget is None:
-        return Verdict(fits=True, estimate=e, budget_bytes=None, budget_source=source,
-                       reason='no budget given')
-    fits = required_bytes(e.peak_bytes) <= budget
-    kw = dict(amp=amp, **assume)
-    v = Verdict(fits=fits, estimate=e, budget_bytes=budget, budget_source=source)
-    if fits:
-        v.reason = 'fits with margin'
+        return Verdict('ESTIMATE', e, None, source,
+                       reason='no budget given' if e.bounded else unbounded_reason(e))
+    kw = dict(amp=amp, prepared=prepared, **assume)
+    if e.bounded and fits_budget(e, budget):
+        v = Verdict('FITS', e, budget, source, reason='fits with margin')
         v.max_batch_size = max_batch_size(cfg, budget, start=e.batch_size, **kw)
-    else:
-        v.reason = reject_reason(e)
-        v.max_batch_size = max_batch_size(cfg, budget, **kw) if e.batch_size > 1 else 0
-        if suggest:
-            v.suggestions = make_suggestions(cfg, e, budget, v.max_batch_size, **assume)
+        return v
+    v = Verdict('REJECT' if e.bounded else 'UNBOUNDED', e, budget, source,
+                reason=reject_reason(e) if e.bounded else unbounded_reason(e))
+    v.max_batch_size = max_batch_size(cfg, budget, **kw) if e.batch_size > 1 else 0
+    if suggest and e.bounded:
+        v.suggestions = make_suggestions(cfg, e, budget, v.max_batch_size, prepared, **assume)
     return v

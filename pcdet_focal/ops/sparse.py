@@ -5,12 +5,59 @@ faster. :func:`match_spconv_algo` sets the algorithm of every spconv conv in a m
 device of the data, so one module runs on both (spconv >= 2.2 keeps one weight layout for every
 algorithm, so switching is free).
 """
+import contextlib
 import functools
 import logging
+import math
 
 import torch
 
 from ..errors import InputError
+
+
+_SHAPE_ONLY = {'on': False}
+
+
+@contextlib.contextmanager
+def shape_only_spconv():
+    """Inside: :func:`subm_conv3d` builds :class:`ShapeOnlySubMConv3d` instead of spconv's.
+
+    For the memory estimator, which builds the real modules on the meta device to read their
+    parameters and shapes: importing spconv alone takes ~10 s, and nothing there runs."""
+    old = _SHAPE_ONLY['on']
+    _SHAPE_ONLY['on'] = True
+    try:
+        yield
+    finally:
+        _SHAPE_ONLY['on'] = old
+
+
+class ShapeOnlySubMConv3d(torch.nn.Module):
+    """spconv's SubMConv3d without its kernels: the same parameters (weight (out, k, k, k, in),
+    optional bias) and the attributes spconv's conv exposes; it cannot run."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, indice_key=None, bias=False):
+        super().__init__()
+        k = int(kernel_size)
+        self.in_channels, self.out_channels, self.indice_key = in_channels, out_channels, indice_key
+        self.kernel_size, self.stride, self.dilation = [k] * 3, [1] * 3, [1] * 3
+        self.padding, self.subm, self.inverse, self.groups = [k // 2] * 3, True, False, 1
+        self.weight = torch.nn.Parameter(torch.empty(out_channels, k, k, k, in_channels))
+        self.bias = torch.nn.Parameter(torch.empty(out_channels)) if bias else None
+        torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x):
+        raise RuntimeError('ShapeOnlySubMConv3d is built for memory estimates only')
+
+
+def subm_conv3d(in_channels, out_channels, kernel_size, indice_key, bias=False):
+    """spconv.SubMConv3d (stride 1, same padding), or its shape-only twin inside
+    :func:`shape_only_spconv`."""
+    if _SHAPE_ONLY['on']:
+        return ShapeOnlySubMConv3d(in_channels, out_channels, kernel_size, indice_key, bias)
+    import spconv.pytorch as spconv  # lazy: importing the package must not need spconv
+    return spconv.SubMConv3d(in_channels, out_channels, kernel_size, stride=1,
+                             padding=kernel_size // 2, bias=bias, indice_key=indice_key)
 
 
 def spconv_algo(device):
