@@ -492,15 +492,6 @@ def run_tool(name, argv):
     return code, out.getvalue(), err.getvalue()
 
 
-def dig(doc, *keys):
-    """``doc[k1][k2]...`` or None when any level is missing."""
-    for key in keys:
-        if not isinstance(doc, dict) or key not in doc:
-            return None
-        doc = doc[key]
-    return doc
-
-
 def estimator_row(ctx, name, path, batch, bev):
     """One ``estimate_mem.py --measure --json`` run as a report row."""
     argv = ['--cfg', str(path), '--batch_size', str(batch), '--voxels',
@@ -531,8 +522,8 @@ def estimator_row(ctx, name, path, batch, bev):
     doc = json.loads(out)
     measure = doc.get('measure') or {}
     row.update({
-        'estimate_bytes': dig(doc, 'estimate', 'peak_bytes'),
-        'largest_transient': dig(doc, 'estimate', 'largest_transient'),
+        'estimate_bytes': cfg_get(doc, 'estimate.peak_bytes'),
+        'largest_transient': cfg_get(doc, 'estimate.largest_transient'),
         'measure_device': measure.get('device'), 'refused': measure.get('refused'),
         'measured_bytes': measure.get('measured_bytes'),
         'estimate_at_measured_counts_bytes': measure.get('estimate_at_measured_counts_bytes'),

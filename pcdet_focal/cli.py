@@ -56,7 +56,11 @@ def config_command(args, out=None):
                 raise ConfigError(f'--update-readme {path}: cannot read it ({err.strerror})') \
                     from None
             new = readme_with_tables(text)
-            path.write_text(new, encoding='utf-8')
+            try:
+                path.write_text(new, encoding='utf-8')
+            except OSError as err:
+                raise ConfigError(f'--update-readme {path}: cannot write it ({err.strerror})') \
+                    from None
             print(f'{path}: key tables {"updated" if new != text else "already current"}',
                   file=out)
             return 0

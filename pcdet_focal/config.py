@@ -58,6 +58,12 @@ class Provenance(dict):
     def record(self, path, origin):
         self[path] = origin
 
+    def replace(self, path, origin):
+        """``path`` set anew: what was recorded below it (keys, list items) no longer holds."""
+        for sub in [p for p in self if p.startswith(path + '.') or p.startswith(path + '[')]:
+            del self[sub]
+        self[path] = origin
+
     def origin(self, path):
         """The origin of ``path`` or of its nearest recorded parent (a key inside a list)."""
         while path:
@@ -66,10 +72,6 @@ class Provenance(dict):
             cut = max(path.rfind('.'), path.rfind('['))
             path = path[:cut] if cut > 0 else ''
         return None
-
-    def line_of(self, path):
-        o = self.origin(path)
-        return (o.file, o.line) if o is not None else (None, None)
 
 
 def _key_lines(text):
@@ -180,10 +182,7 @@ class _Reading:
         if isinstance(value, dict):
             self.prov.setdefault(path, self.origin(path))
             return
-        for sub in list(self.prov):  # a value set again replaces what a base said below it
-            if sub.startswith(path + '.') or sub.startswith(path + '['):
-                del self.prov[sub]
-        self.prov.record(path, self.origin(path))
+        self.prov.replace(path, self.origin(path))  # replaces what a base said below it
         if isinstance(value, list):
             for i, item in enumerate(value):
                 for k, v in (item.items() if isinstance(item, dict) else ()):
@@ -257,14 +256,15 @@ def load_config(path, provenance=None):
     return cfg
 
 
-def _parse_value(text):
+def parse_set_value(text):
+    """A ``--set`` value: a Python literal (``ast.literal_eval``, never ``eval``), else the text."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
 
 
-_BOOL_WORDS = {'true': True, 'false': False, 'yes': True, 'no': False}
+BOOL_WORDS = {'true': True, 'yes': True, 'on': True, 'false': False, 'no': False, 'off': False}
 
 
 def _coerce(key, old, new, text):
@@ -284,8 +284,8 @@ def _coerce(key, old, new, text):
         # a string field keeps the text as typed ('001' stays '001'); a quoted literal is unquoted
         return new if isinstance(new, str) else text
     if isinstance(old, bool):
-        if isinstance(new, str) and new.lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[new.lower()]  # YAML spellings: true / false / yes / no
+        if isinstance(new, str) and new.lower() in BOOL_WORDS:
+            return BOOL_WORDS[new.lower()]  # YAML spellings: true / yes / on ...
         if not isinstance(new, bool):
             raise mismatch()
         return new
@@ -323,7 +323,7 @@ def apply_set(cfg, pairs, declared=None, provenance=None):
                 break
             node = node[part]
         if missing_at is None and isinstance(node, dict) and parts[-1] in node:
-            node[parts[-1]] = _coerce(key, node[parts[-1]], _parse_value(text), text)
+            node[parts[-1]] = _coerce(key, node[parts[-1]], parse_set_value(text), text)
         else:
             parser = declared(cfg, parts) if declared is not None else None
             if parser is None:
@@ -338,9 +338,7 @@ def apply_set(cfg, pairs, declared=None, provenance=None):
                 node = node[part]
             node[parts[-1]] = value
         if provenance is not None:
-            for sub in [p for p in provenance if p.startswith(key + '.')]:
-                del provenance[sub]
-            provenance.record(key, Origin('set'))
+            provenance.replace(key, Origin('set'))
     return cfg
 
 

@@ -16,7 +16,7 @@ and reads it once, at construction::
 and refuses keys the declaration does not know (``MODEL.MAP_TO_BEV.MODEE: unknown key; did you
 mean MODE?``). The same declarations serve ``--set`` (a declared key may be set even when the
 file does not hold it), ``pcdet-focal config`` (defaults shown with their origin) and the
-README's key tables (``pcdet-focal config --keys-markdown``).
+README's key tables (``pcdet-focal config --keys``).
 
 Unknown keys are errors unless :func:`allow_unknown_keys` (the CLIs' ``--allow-unknown-keys``, or
 the environment variable ``PCDET_FOCAL_ALLOW_UNKNOWN_KEYS=1`` for OpenPCDet's own scripts) turns
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from easydict import EasyDict
 
-from .config import INTERNAL_KEYS
+from .config import BOOL_WORDS, INTERNAL_KEYS, parse_set_value
 from .errors import ConfigError
 
 logger = logging.getLogger('pcdet_focal')
@@ -43,7 +43,6 @@ class _Required:
 
 
 REQUIRED = _Required()
-_TRUE_WORDS = {'true': True, 'yes': True, 'on': True, 'false': False, 'no': False, 'off': False}
 _unknown_policy = {'warn': os.environ.get('PCDET_FOCAL_ALLOW_UNKNOWN_KEYS', '') not in ('', '0')}
 _warned = set()
 
@@ -53,10 +52,6 @@ def allow_unknown_keys(allow=True):
     old = _unknown_policy['warn']
     _unknown_policy['warn'] = bool(allow)
     return old
-
-
-def unknown_keys_allowed():
-    return _unknown_policy['warn']
 
 
 def nearest(name, known):
@@ -477,15 +472,11 @@ def _fmt(value):
 
 def parse_literal(spec, text, path):
     """A ``--set`` value for a declared key absent from the file: the literal, checked."""
-    import ast
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        value = text
+    value = parse_set_value(text)
     if isinstance(spec, (Str, Choice)) and not isinstance(value, str):
         value = text
-    if isinstance(spec, Bool) and isinstance(value, str) and value.lower() in _TRUE_WORDS:
-        value = _TRUE_WORDS[value.lower()]    # YAML's spellings: true / yes / on ...
+    if isinstance(spec, Bool) and isinstance(value, str) and value.lower() in BOOL_WORDS:
+        value = BOOL_WORDS[value.lower()]    # YAML's spellings: true / yes / on ...
     if isinstance(spec, Section):
         raise ConfigError(f'--set {path}: {path} is a section; set its keys ({path}.KEY VALUE)')
     return spec.check(value, path)

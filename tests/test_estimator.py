@@ -316,9 +316,9 @@ def test_no_accumulation_or_input_downsample_suggested_where_the_host_ignores_th
     _batch(trial, e, 2, prep.host)
     assert calls[-1]['OPTIMIZATION.ACCUMULATION_STEPS'] == 4
     # input_downsample only for our DSVT (OpenPCDet's ignores the key)
-    assert _dsvt_prefix(prep.model, cfg) == 'MODEL.BACKBONE_3D.DSVT'
+    assert _dsvt_prefix(prep.model) == 'MODEL.BACKBONE_3D.DSVT'
     prep.model.backbone_3d.dsvt = torch.nn.Identity()
-    assert _dsvt_prefix(prep.model, cfg) is None
+    assert _dsvt_prefix(prep.model) is None
 
 
 def test_z_stride_changes_keep_the_config_consistent():
@@ -439,3 +439,18 @@ def test_trained_focal_growth_from_a_checkpoint(tmp_path):
     none = estimate(cfg, prepared=prep, observed={'focal_frames': quiet})
     assert none.peak_bytes < worst.peak_bytes
     assert any('trained importance head' in line for line in none.geometry)
+
+
+def test_counts_cached_across_replays_follow_size_and_grid_without_frames():
+    """The cache of data-dependent counts is shared by the replays of one config (suggestions
+    change the grid, batch sizes the voxel count): without frames its key must follow them."""
+    from pcdet_focal.memory.flow import Flow, Sparse
+    shared = {}
+    small = Sparse(t=None, n=2000, c=16, spatial=(40, 400, 400))
+    dense = Sparse(t=None, n=20000, c=16, spatial=(10, 50, 50))
+    first = Flow(batch_size=1, counts=None, target='cpu', cache=shared)
+    fresh = Flow(batch_size=1, counts=None, target='cpu')
+    assert first.hot_pairs(small, 3) == fresh.hot_pairs(small, 3)
+    again = Flow(batch_size=1, counts=None, target='cpu', cache=shared)
+    assert again.hot_pairs(dense, 3) == Flow(batch_size=1, counts=None,
+                                             target='cpu').hot_pairs(dense, 3) > 1000

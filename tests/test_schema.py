@@ -12,9 +12,9 @@ from easydict import EasyDict
 
 from pcdet_focal import schema as S
 from pcdet_focal.cli import cli
-from pcdet_focal.config import Provenance, load_config
-from pcdet_focal.config_schema import (check_config, describe, key_tables, load_checked,
-                                       readme_with_tables)
+from pcdet_focal.config import Provenance, apply_set, load_config
+from pcdet_focal.config_schema import (check_config, declared_parser, describe, key_tables,
+                                       load_checked, readme_with_tables)
 from pcdet_focal.errors import ConfigError
 from pcdet_focal.models.map_to_bev import SparseHeightCompression, backbone_output_shape
 
@@ -227,6 +227,22 @@ def test_readme_table_rows_follow_a_declaration_change():
         readme_with_tables('<!-- keys: Nope -->\n<!-- /keys -->\n')
 
 
+
+def test_update_readme_that_cannot_be_written_is_one_error():
+    target = Path('/proc/version')   # readable, and not writable even by root
+    if not target.is_file():
+        pytest.skip('needs Linux /proc')
+    with pytest.raises(ConfigError, match='--update-readme /proc/version: cannot write it'):
+        cli(['config', '--keys', '--update-readme', str(target)])
+
+
+@pytest.mark.parametrize('flag', ['--seed', '--workers'])
+def test_negative_seed_or_workers_is_a_usage_error(flag):
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train.py'), '--cfg', 'x.yaml',
+                           flag, '-1'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(f'argument {flag}: must be >= 0, got -1')
+
 # ----------------------------------------------------------------------------- height bins
 def shc_cfg(**extra):
     return EasyDict(NAME='SparseHeightCompression', MODE='learned', INPUT_FEATURES=8,
@@ -290,3 +306,21 @@ def test_our_detector_passes_the_backbone_grid(tmp_path):
     with pytest.raises(ConfigError, match='set NUM_HEIGHT_BINS: 44'):
         with torch.device('meta'):
             build_network(cfg.MODEL, 3, dataset)
+
+
+def test_set_list_replaces_the_provenance_of_its_items_and_takes_yaml_bool_words(capsys):
+    """A list set on the command line is the command line's, items included; a bool key takes
+    YAML's on / off whether or not the file holds it."""
+    prov = Provenance()
+    cfg = load_config(REPO / 'cfgs' / 'focalsst_dsvt_demo.yaml', provenance=prov)
+    key = 'DATA_CONFIG.DATA_AUGMENTOR.AUG_CONFIG_LIST'
+    assert any(p.startswith(key + '[') for p in prov)
+    apply_set(cfg, [key, "[{'NAME': 'random_world_flip', 'ALONG_AXIS_LIST': ['x']}]",
+                    'OPTIMIZATION.FIND_UNUSED_PARAMETERS', 'on'],
+              declared=declared_parser, provenance=prov)
+    assert not any(p.startswith(key + '[') for p in prov)
+    assert prov.origin(key + '[0].ALONG_AXIS_LIST').kind == 'set'
+    assert cfg.OPTIMIZATION.FIND_UNUSED_PARAMETERS is True
+    apply_set(cfg, ['OPTIMIZATION.FIND_UNUSED_PARAMETERS', 'off'], declared=declared_parser,
+              provenance=prov)
+    assert cfg.OPTIMIZATION.FIND_UNUSED_PARAMETERS is False

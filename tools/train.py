@@ -12,7 +12,8 @@ import dataclasses
 
 import _init_path  # noqa: F401  (pcdet_focal from this checkout)
 
-from pcdet_focal.engine.cli_args import _positive_int, add_common_args, load_cfg
+from pcdet_focal.engine.cli_args import (_non_negative_int, _positive_int, add_common_args,
+                                         load_cfg)
 from pcdet_focal.errors import cli_main
 
 
@@ -28,7 +29,7 @@ def parse_args(argv=None):
     parser.add_argument('--sync_bn', action='store_true', help='SyncBatchNorm under DDP')
     parser.add_argument('--fix_random_seed', action='store_true',
                         help='seed everything (reproducible runs and resumes)')
-    parser.add_argument('--seed', type=int, default=666, help='seed for --fix_random_seed')
+    parser.add_argument('--seed', type=_non_negative_int, default=666, help='seed for --fix_random_seed')
     parser.add_argument('--ckpt_save_interval', type=_positive_int, default=1)
     parser.add_argument('--max_ckpt_save_num', type=_positive_int, default=30)
     parser.add_argument('--use_amp', action='store_true', help='mixed precision (CUDA)')

@@ -31,7 +31,7 @@ def add_common_args(parser):
                         help='total batch size, split over the processes of a distributed run '
                              'as in OpenPCDet (default: OPTIMIZATION.BATCH_SIZE_PER_GPU per '
                              'process)')
-    parser.add_argument('--workers', type=int, default=2, help='dataloader workers per process')
+    parser.add_argument('--workers', type=_non_negative_int, default=2, help='dataloader workers per process')
     parser.add_argument('--extra_tag', default='default',
                         help='run name: output/<cfg stem>/<extra_tag>/')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',

@@ -35,7 +35,7 @@ def _test(cfg, args, device, rank, world_size):
     load_model_state(model, ckpt['model_state'], path=str(ckpt_path), strict=True)
     model.to(device)
     batch_size = dist_utils.per_process_batch(args.batch_size, world_size,
-                                              cfg.OPTIMIZATION.get('BATCH_SIZE_PER_GPU', 1))
+                                              (cfg.get('OPTIMIZATION') or {}).get('BATCH_SIZE_PER_GPU', 1))
     loader = build_eval_loader(test_set, batch_size, args.workers, rank, world_size)
     result_str, result_dict = evaluate_model(model, loader, device, cfg.CLASS_NAMES, result_dir,
                                              save_to_file=args.save_to_file,

@@ -36,7 +36,6 @@ class Counts:
     frame_ids: list = field(default_factory=list)
     indices: list = field(default_factory=list)   # dataset indices of the counted frames
     median: int = None
-    points_median: int = None
     cap: object = None             # MAX_NUMBER_OF_VOXELS['train']; None without one
     bounded: bool = True
     synthetic: bool = False        # frames is a synthetic scan layout, not data
@@ -171,27 +170,33 @@ def from_frames(dataset, geom, k=DEFAULT_FRAMES):
         raise ConfigError('the configured training split has no frames to count')
     picks = sorted({int(round(i)) for i in np.linspace(0, n - 1, min(int(k), n))})
     frames, points, ids = [], [], []
-    state = np.random.get_state()
-    try:
-        for i in picks:
-            np.random.seed(i)
-            item = dataset[i]
-            if 'voxel_coords' in item:
-                coords = np.asarray(item['voxel_coords'], np.int64).reshape(-1, 3)
-            else:
-                coords = _voxel_cells(np.asarray(item['points'], np.float64), geom)
-            frames.append(coords)
-            points.append(int(len(item['points'])))
-            ids.append(str(item.get('frame_id', i)))
-    finally:
-        np.random.set_state(state)
+    for i in picks:
+        item = seeded_item(dataset, i)
+        if 'voxel_coords' in item:
+            coords = np.asarray(item['voxel_coords'], np.int64).reshape(-1, 3)
+        else:
+            coords = _voxel_cells(np.asarray(item['points'], np.float64), geom)
+        frames.append(coords)
+        points.append(int(len(item['points'])))
+        ids.append(str(item.get('frame_id', i)))
     sizes = sorted(len(f) for f in frames)
     cap = (geom.max_voxels or {}).get('train')
     return Counts(per_sample=max(1, sizes[-1]), points_per_sample=max(points),
                   source=f'the densest of {len(frames)} frames of the training split',
                   frames=frames, frame_ids=ids, indices=picks, median=sizes[len(sizes) // 2],
-                  points_median=sorted(points)[len(points) // 2], cap=cap,
+                  cap=cap,
                   bounded=cap is not None)
+
+
+def seeded_item(dataset, index):
+    """``dataset[index]`` with numpy's global RNG seeded to ``index`` (the same augmentation
+    every time the frame is read: counting, --ckpt, --measure), the caller's RNG state kept."""
+    state = np.random.get_state()
+    try:
+        np.random.seed(index)
+        return dataset[index]
+    finally:
+        np.random.set_state(state)
 
 
 def count(cfg, geom, build_dataset, voxels=None, frames=DEFAULT_FRAMES):
@@ -243,8 +248,8 @@ def trained_focal_growth(cfg, counts, ckpt, host, build_dataset):
     try:
         with torch.no_grad():
             for index in counts.indices:
-                np.random.seed(index)
-                batch = load_data_to_device(dataset.collate_batch([dataset[index]]), 'cpu')
+                item = seeded_item(dataset, index)
+                batch = load_data_to_device(dataset.collate_batch([item]), 'cpu')
                 seen.clear()
                 encoder(model.vfe(batch))
                 for i, dil in enumerate(seen):

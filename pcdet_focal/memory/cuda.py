@@ -80,9 +80,8 @@ class Stack:
         torch_v = _version(torch.__version__, 'torch')
         code = torch.backends.cudnn.version() if torch.cuda.is_available() else None
         if code:
-            cudnn = (code // 10000, code // 100 % 100, code % 100) if code >= 90000 else \
-                (code // 1000, code // 100 % 10, code % 100)
-            return cls(torch_v, cudnn, 'installed')
+            from ..doctor import cudnn_tuple
+            return cls(torch_v, cudnn_tuple(code), 'installed')
         return cls(torch_v, _wheel(torch_v), 'installed torch; cuDNN of its CUDA wheel')
 
     def large_conv_in_cudnn(self):

@@ -20,6 +20,7 @@ A module without a memory rule makes the estimate incomplete: ``peak_bytes`` is 
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..models.detector import MODULE_TOPOLOGY
 from . import cuda
 from .build import build_model
 from .counts import DEFAULT_FRAMES, Counts, count, from_caps
@@ -29,9 +30,7 @@ from .tape import Tape
 
 OPTIMIZER_STATES = {'adam_onecycle': 2, 'adam_cosineanneal': 2, 'adam': 2, 'adamw': 2,
                     'sgd': 1}
-SLOTS = {'vfe': 'VFE', 'backbone_3d': 'BACKBONE_3D', 'map_to_bev_module': 'MAP_TO_BEV',
-         'pfe': 'PFE', 'backbone_2d': 'BACKBONE_2D', 'dense_head': 'DENSE_HEAD',
-         'point_head': 'POINT_HEAD', 'roi_head': 'ROI_HEAD'}
+SLOTS = {attr: key for attr, key, _ in MODULE_TOPOLOGY}     # module attribute -> config key
 GT_BOXES_PER_SAMPLE = 100      # targets the heads are sized for when no frames are counted
 
 
@@ -86,10 +85,6 @@ class Estimate:
     def bounded(self):
         return not self.unbounded and self.voxels.bounded
 
-    @property
-    def peak_gib(self):
-        return None if self.peak_bytes is None else self.peak_bytes / 2 ** 30
-
 
 @dataclass
 class Prepared:
@@ -101,7 +96,6 @@ class Prepared:
     geom: object
     counts: object
     optimization: object
-    extra_notes: list = field(default_factory=list)
     cache: dict = field(default_factory=dict)    # counts on frames, shared by the replays
 
 
@@ -251,8 +245,8 @@ def estimate(cfg, batch_size=None, amp=False, target='cuda', stack=None, voxels=
         voxel_geometry(cfg.DATA_CONFIG)    # raises: the rules need the voxel grid
 
     def flow():
-        return Flow(batch_size=batch, counts=prep.counts, target=target, amp=amp,
-                    class_names=list(cfg.CLASS_NAMES), observed=dict(observed or {}),
+        return Flow(batch_size=batch, counts=prep.counts, target=target,
+                    observed=dict(observed or {}),
                     gt_boxes=int(gt_boxes if gt_boxes is not None else GT_BOXES_PER_SAMPLE),
                     cache=prep.cache)
 
@@ -307,7 +301,7 @@ def estimate(cfg, batch_size=None, amp=False, target='cuda', stack=None, voxels=
         accumulation_steps=opt.ACCUMULATION_STEPS, state_bytes=sum(state.values()),
         geometry=[_grid_line(prep.geom)] + list(f.shapes),
         flattened_bev_channels=f.flattened_bev_channels, map_to_bev_input=f.map_to_bev_input,
-        unbounded=list(f.unbounded), notes=notes + prep.extra_notes,
+        unbounded=list(f.unbounded), notes=notes,
         transient_bytes=big.transient if big else 0,
         transient_label=big.transient_label if big else '',
         transient_module=big.name if big else '',

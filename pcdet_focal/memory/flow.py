@@ -62,8 +62,6 @@ class Flow:
     batch_size: int
     counts: object                 # counts.Counts
     target: str = 'cuda'           # 'cuda' or 'cpu': which kernels' buffers to model
-    amp: bool = False
-    class_names: list = field(default_factory=list)
     gt_boxes: int = 100            # ground-truth boxes per sample (targets, inside tests)
     # flow between slots
     sparse: object = None          # Sparse
@@ -76,13 +74,11 @@ class Flow:
     # the report
     shapes: list = field(default_factory=list)
     notes: list = field(default_factory=list)
-    not_modelled: list = field(default_factory=list)
     unbounded: list = field(default_factory=list)     # (config key, why) of counts without bound
     # data-dependent counts computed on the frames, kept across the replays of one config
     # (estimator.Prepared.cache): key -> value
     cache: dict = field(default_factory=dict)
     flattened_bev_channels: object = None
-    bev_shape: object = None       # (C, H, W) of spatial_features
     map_to_bev_input: object = None    # (C, D, H, W) reaching MAP_TO_BEV
     # OpenPCDet's two-stage models (pcdet_rules): the 3D backbone's multi-scale sparse levels
     # {name: Sparse} the ROI heads pool from, and (points, channels) of a point backbone
@@ -107,6 +103,14 @@ class Flow:
         if key not in self.cache:
             self.cache[key] = compute()
         return self.cache[key]
+
+    @staticmethod
+    def counts_key(x):
+        """Cache key of what the counts of the Sparse ``x`` depend on: its frames (by identity;
+        the cached values keep derived frames alive), or without frames its size and grid."""
+        if x.frames:
+            return 'frames', id(x.frames)
+        return 'uniform', int(x.n), tuple(int(s) for s in x.spatial)
 
     def dense(self, t, c, h, w):
         """A (B, C, H, W) record of this batch."""
@@ -136,7 +140,7 @@ class Flow:
                         best = max(best, int((keys[pos] == shifted).sum()))
             return best
 
-        top, _ = self.cached(('hot', id(x.frames), k), lambda: self.worst(
+        top, _ = self.cached(('hot', self.counts_key(x), self.batch_size, k), lambda: self.worst(
             x.frames, busiest,
             lambda: min(per_sample, -(-per_sample * per_sample // (d * h * w)))))
         return top * self.batch_size

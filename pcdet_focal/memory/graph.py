@@ -115,9 +115,6 @@ class Graph:
         self.param_tensors = []
         self.phase_peaks = {}
         self._ckpt = None                 # open checkpoint region (first node, first id)
-        self.debug = False                # keep a snapshot of the live tensors at the peak
-        self.peak_snapshot = None
-        self._live_tensors = {}
         # when a list: one (live bytes, phase, module, label) entry per allocation or release,
         # in replay order (what tools/estimate_mem.py --plot draws)
         self.timeline = None
@@ -130,8 +127,6 @@ class Graph:
             self._ckpt_max = self.live
         if self.live > self.peak.bytes:
             self.peak = Peak(self.live, self.phase, self.module, label)
-            if self.debug:
-                self.peak_snapshot = [(t.label, t.nbytes) for t in self._live_tensors.values()]
         ph = self.phase_peaks.get(self.phase)
         if ph is None or self.live > ph.bytes:
             self.phase_peaks[self.phase] = Peak(self.live, self.phase, self.module, label)
@@ -170,7 +165,6 @@ class Graph:
         if not t.freed and t.py <= 0 and t.saved <= 0:
             t.freed = True
             self._release(t.nbytes, t.label, ('t', t.tid))
-            self._live_tensors.pop(t.tid, None)
 
     def _note_temp(self, nbytes, label, module=None):
         st = self.modules.get(module or self.module)
@@ -240,8 +234,6 @@ class Graph:
         t.nbytes = self._size(t.nbytes)
         self._next_id += 1
         self._created.setdefault(self.module, []).append(t)
-        if self.debug:
-            self._live_tensors[t.tid] = t
         self._alloc(t.nbytes, label, ('t', t.tid))
         return t
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..config import cfg_get
 from ..data.processor import voxel_geometry
 from ..errors import ConfigError
+from .counts import seeded_item
 from .verdict import GIB, required_bytes
 
 GT_BOXES_PER_SAMPLE = 8      # boxes of a uniform random batch
@@ -242,13 +243,7 @@ def _probed(observed):
 def frame_batch(dataset, index, batch_size):
     """A collated numpy batch of frame ``index`` repeated ``batch_size`` times (every sample as
     dense as the densest counted frame: what the estimate assumes)."""
-    import numpy as np
-    state = np.random.get_state()
-    try:
-        np.random.seed(index)          # the counted frame's augmentation (counts.from_frames)
-        item = dataset[index]
-    finally:
-        np.random.set_state(state)
+    item = seeded_item(dataset, index)     # the counted frame's augmentation
     return dataset.collate_batch([dict(item) for _ in range(batch_size)])
 
 

@@ -18,7 +18,6 @@ Each rule replays the module's training forward as OpenPCDet 8caccce writes it (
   frames, else the uniform expectation of :mod:`pcdet_focal.models.dsvt_memory`;
 - ROI heads: the sampled ROIs per image (TARGET_CONFIG.ROI_PER_IMAGE, a fixed count).
 """
-import functools
 import itertools
 import math
 
@@ -551,7 +550,6 @@ def pillar_scatter_memory(module, tape, flow):
                     f'[B, {c * nz}, {ny}, {nx}]')
     tape.set_batch('spatial_features', stacked)
     flow.bev = flow.dense(stacked, c * nz, ny, nx)
-    flow.bev_shape = (c * nz, ny, nx)
     flow.bev_stride = 1
     tape.drop(stacked)
 
@@ -901,17 +899,19 @@ def _dsvt_encoder(tape, enc, src, pos, inds, n, sets, k, act, label):
     pos_g = tape.gather_rows(pos, inds, rows, c, f'{label} pos[voxel_inds]')
     query = tape.add(feats, pos_g, rows * c, f'{label} query = feats + pos')
     key = tape.add(feats, pos_g, rows * c, f'{label} key = feats + pos')
-    tape.drop(pos_g)
     attn = _mha_weights(tape, sa.self_attn, query, key, feats, sets, k, k, True,
                         f'{label}.self_attn')
-    tape.drop(query, key, feats)
     tape.temp(4 * rows * INT64, f'{label} unique / inverse / perm of voxel_inds')
     perm = tape.index(n, f'{label} perm')
-    back = tape.gather_rows(attn, perm, n, c, f'{label} src2[perm]')
-    tape.drop(attn, perm)
+    # batch_first MHA returns a transposed view: reshape(-1, d_model) copies it
+    flat = tape.op(f'{label} src2.reshape copy', [attn], rows * c)
+    tape.drop(attn)
+    back = tape.gather_rows(flat, perm, n, c, f'{label} src2[perm]')
+    tape.drop(flat)
     s1 = tape.add(src, back, n * c, f'{label} src + src2')
     tape.drop(back)
     n2 = set_attention_ffn(tape, s1, n, sa, act, label)
+    tape.drop(feats, pos_g, query, key, perm)   # SetAttention's locals die when it returns
     s3 = tape.add(n2, src, n * c, f'{label} + identity')
     tape.drop(n2)
     out = tape.layernorm(s3, n, enc.norm, f'{label}.norm')
@@ -919,7 +919,7 @@ def _dsvt_encoder(tape, enc, src, pos, inds, n, sets, k, act, label):
     return out
 
 
-def _dsvt_reduction(tape, module, s, x, n, m, vol, c, label):
+def _dsvt_reduction(tape, module, s, x, m, vol, c, label):
     """Stage pooling: the zero placeholder (M, vol, C) filled by index_put, then the reduction
     block (attention: max-pool query, key = cells + pos_embedding, MHA, norm)."""
     red = getattr(module, f'stage_{s}_reduction')
@@ -1013,7 +1013,7 @@ def dsvt_pcdet_memory(module, tape, flow):
                     tape.drop(y)
                 y = z
             if module.use_torch_ckpt:
-                tape.checkpoint_end(outputs=[y])
+                tape.checkpoint_end(outputs=[y], inputs=[x, inds, *pos[i]])  # kept for the recompute
             r = tape.add(y, residual, n * c, f'stage_{s}.{i} output + residual')
             tape.drop(y, residual)
             x2 = tape.layernorm(r, n, norm, f'residual_norm_stage_{s}.{i}')
@@ -1022,7 +1022,7 @@ def dsvt_pcdet_memory(module, tape, flow):
             block_id += 1
         if pool is not None:
             m, vol = pool
-            x2 = _dsvt_reduction(tape, module, s, x, n, m, vol, c, f'stage_{s}_reduction')
+            x2 = _dsvt_reduction(tape, module, s, x, m, vol, c, f'stage_{s}_reduction')
             tape.drop(x)
             x = x2
     for n, c, k, sets, pos, pool, keep in layouts:

@@ -7,7 +7,7 @@ input_downsample). :func:`write_fixed` writes the first one as a small config ov
 import copy
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -17,9 +17,6 @@ from ..config import cfg_get, to_plain
 from ..errors import ConfigError, PcdetFocalError
 from .estimator import Prepared, estimate, prepare
 from .verdict import fits_budget, gib, needed
-
-DSVT_CLASSES = ('DSVTDownsample',)
-
 
 @dataclass
 class Suggestion:
@@ -31,7 +28,6 @@ class Suggestion:
     amp: bool
     peak_bytes: int
     required_bytes: int
-    notes: list = field(default_factory=list)
 
     def line(self):
         return (f'{self.title}: peak {gib(self.peak_bytes)} (needs {gib(self.required_bytes)}) '
@@ -139,7 +135,7 @@ def _shc(trial, cfg, e):
 
 
 # ---------------------------------------------------------------------------- DSVT z stride
-def _dsvt_prefix(model, cfg):
+def _dsvt_prefix(model):
     """Config prefix of our DSVTDownsample in the built model (None: absent / OpenPCDet's)."""
     b3 = getattr(model, 'backbone_3d', None)
     if type(b3).__name__ == 'DSVTDownsample':
@@ -193,7 +189,7 @@ def z_stride_changes(cfg, prefix, sz):
 
 
 def _z_stride(trial, cfg, e, model):
-    prefix = _dsvt_prefix(model, cfg)
+    prefix = _dsvt_prefix(model)
     if prefix is None:
         return []
     from ..models.dsvt import DSVTConfig

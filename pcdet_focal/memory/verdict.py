@@ -161,11 +161,23 @@ def unbounded_reason(e):
     return 'no bound on ' + '; '.join(keys) + ': set it so the estimate is a bound'
 
 
+_PREPARE_KEYS = ('host', 'voxels', 'frames')
+
+
+def _prepared_once(cfg, prepared, assume):
+    """(prepared, the rest of ``assume``): the model built and the frames counted once for
+    every estimate of a search, not once per estimate."""
+    prepared = prepared or prepare(cfg, **{k: assume[k] for k in _PREPARE_KEYS if k in assume})
+    return prepared, {k: v for k, v in assume.items() if k not in _PREPARE_KEYS}
+
+
 def max_batch_size(cfg, budget, amp=False, start=1, prepared=None, **assume):
     """Largest batch size whose estimate fits ``budget`` (0 if batch 1 does not).
 
     ``assume``: estimate()'s other keyword arguments. Peak memory grows with the batch, so a
     doubling search then a bisection finds it."""
+    prepared, assume = _prepared_once(cfg, prepared, assume)
+
     def fits(b):
         return fits_budget(estimate(cfg, batch_size=b, amp=amp, prepared=prepared, **assume),
                            budget)
@@ -194,9 +206,7 @@ def check_fits(cfg, batch_size=None, vram_gib=None, amp=False, suggest=True, pre
     world_size, gt_boxes). Returns a :class:`Verdict`; on REJECT it carries suggestions, each
     re-estimated and fitting."""
     from .suggest import suggestions as make_suggestions
-    prep_keys = ('host', 'voxels', 'frames')
-    prepared = prepared or prepare(cfg, **{k: assume[k] for k in prep_keys if k in assume})
-    assume = {k: v for k, v in assume.items() if k not in prep_keys}
+    prepared, assume = _prepared_once(cfg, prepared, assume)
     e = estimate(cfg, batch_size=batch_size, amp=amp, prepared=prepared, **assume)
     if vram_gib is not None:
         if isinstance(vram_gib, bool) or not isinstance(vram_gib, (int, float)) or vram_gib <= 0:

@@ -7,7 +7,7 @@ gathered box code).
 HEAD_ORDER = ('center', 'center_z', 'dim', 'rot')
 
 
-def _gaussian_focal_loss(tape, sig, gt, numel, label):
+def _gaussian_focal_loss(tape, sig, numel, label):
     """pcdet_focal.ops.losses.gaussian_focal_loss on (B, K, H, W) heatmaps.
 
     Kept for backward (each heatmap-sized): clamp(p), pos / neg masks (float), log(p),
@@ -87,7 +87,7 @@ def _center_loss(tape, all_preds, targets, order, b, h, w, max_objs):
         hm = preds['hm']
         n_hm = hm.numel
         sig = tape.op(f'head {hi} sigmoid', [hm.t], n_hm, save_output=True, kind='fp32')
-        losses += _gaussian_focal_loss(tape, sig, hm_t, n_hm, f'head {hi} hm loss')
+        losses += _gaussian_focal_loss(tape, sig, n_hm, f'head {hi} hm loss')
         tape.drop(sig)
         reg = [preds[n] for n in order]
         if not reg:

@@ -143,7 +143,7 @@ class DetectorTemplate(nn.Module):
                                          '(num_point_features)')
         # the grid it hands on ('unknown' when the module does not say: MAP_TO_BEV must then
         # be told, e.g. SparseHeightCompression's NUM_HEIGHT_BINS)
-        info['voxel_grid'] = backbone_output_shape(module, info['grid_size']) or 'unknown'
+        info['voxel_grid'] = backbone_output_shape(module) or 'unknown'
         return module
 
     def build_map_to_bev_module(self, cfg, key, slot, info):

@@ -150,9 +150,9 @@ def _encoder_layer(tape, layer, src, pos, inds, first, n, n_sets, k, act, label)
     c = sa.d_model
     x = n_sets * k
     feats = tape.gather_rows(src, inds, x, c, f'{label} src[voxel_inds]')
-    pos_g = tape.gather_rows(pos, inds, x, c, f'{label} pos[voxel_inds]')
-    qk = tape.add(feats, pos_g, x * c, f'{label} q = k = feats + pos')
-    tape.drop(pos_g)
+    sp = tape.add(src, pos, n * c, f'{label} src + pos')
+    qk = tape.gather_rows(sp, inds, x, c, f'{label} q = k = (src + pos)[voxel_inds]')
+    tape.drop(sp)
     attn = _attention(tape, sa.self_attn, qk, qk, feats, x, x, x, f'{label}.self_attn')
     copy = tape.op(f'{label} attn.reshape copy', [attn], x * c)
     back = tape.gather_rows(copy, first, n, c, f'{label} attn[first_slot]')

@@ -52,7 +52,7 @@ def _conv_out(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def backbone_output_shape(backbone, grid_size=None):
+def backbone_output_shape(backbone):
     """[x, y, z] of the sparse volume a built 3D backbone hands on, or None when unknown.
 
     Read from the module itself: ``output_sparse_shape`` (pcdet_focal's backbones),
@@ -209,7 +209,7 @@ class SparseHeightCompression(nn.Module):
             return None
         if backbone is False or type(backbone).__name__.endswith('VFE'):
             return grid
-        return backbone_output_shape(backbone, grid) or 'unknown'
+        return backbone_output_shape(backbone) or 'unknown'
 
     def _input_grid(self, upstream, grid, depth):
         """[nx, ny, nz] of voxel_coords input: INPUT_SHAPE, the backbone's output, else the

@@ -34,7 +34,7 @@ def _columns(tape, n, m):
     return cols, inv
 
 
-def _to_bev(tape, table, cols, b, c, h, w, m):
+def _to_bev(tape, table, b, c, h, w, m):
     """ops.bev_scatter.columns_to_bev: zero map, index_put_ of the (M, C) table."""
     ib = tape.index(m, 'SHC columns // HW')
     ip = tape.index(m, 'SHC columns % HW')
@@ -58,7 +58,7 @@ def _occupied_columns(flow, x):
     if seen:
         return -(-int(seen) // flow.batch_size), None
     d, h, w = x.spatial
-    return flow.cached(('columns', id(x.frames), x.n // flow.batch_size), lambda: flow.worst(
+    return flow.cached(('columns', flow.counts_key(x), flow.batch_size), lambda: flow.worst(
         x.frames, lambda f: len(np.unique(f[:, 1] * w + f[:, 2])),
         lambda: expected_occupied(max(1, x.n // flow.batch_size), h * w, d)))
 
@@ -66,7 +66,6 @@ def _occupied_columns(flow, x):
 def _bev_out(tape, flow, t, c, h, w, stride):
     tape.set_batch('spatial_features', t)
     flow.bev = flow.dense(t, c, h, w)
-    flow.bev_shape = (c, h, w)
     flow.bev_stride = stride
 
 
@@ -120,7 +119,7 @@ def shc_memory(self, tape, flow):
                        save=[sel, per_level], kind='mm')
         table = tape.op('SHC per-level index_add_', [proj], m * out_c, save=[proj, idx])
         tape.drop(sel, per_level, idx, order, proj)
-    bev = _to_bev(tape, table, cols, b, out_c, h, w, m)
+    bev = _to_bev(tape, table, b, out_c, h, w, m)
     tape.drop(table, cols, inv)
     out = flow.dense(bev, out_c, h, w)
     if self.mode == 'learned' and self.norm is not None:
